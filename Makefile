@@ -1,0 +1,22 @@
+# make test   set up .venv (if missing) and run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.facd-installed
+
+.PHONY: setup test clean
+
+$(STAMP): requirements/ci.txt pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet -r requirements/ci.txt
+	$(BIN)/python -m pip install --quiet --no-build-isolation -c requirements/ci.txt -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf build *.egg-info facd_fast/*.so

@@ -1,0 +1,15 @@
+"""facd_fast: fast, faithful feature-domain adaptive contrastive distillation (FACD) for SISR.
+
+Public API:
+    contrastive_loss(student, teacher, negatives=None, *, mask, distance, normalize, eps, reduction, backend)
+    adaptive_mask(sr_student, sr_teacher, hr, *, margin_db, data_range)
+    FACDLoss(tap_weights, use_mask=..., margin_db=...)
+    available_backends()
+The definition is in docs/loss.md; facd_fast.reference is its plain-PyTorch oracle.
+"""
+from .api import adaptive_mask, contrastive_loss, patch_mse
+from .backends import available_backends
+from .module import FACDLoss
+
+__version__ = "0.1.0"
+__all__ = ["contrastive_loss", "adaptive_mask", "patch_mse", "FACDLoss", "available_backends", "__version__"]

@@ -1,0 +1,207 @@
+"""The public functions: ``contrastive_loss`` and ``adaptive_mask``.
+
+They check their inputs, pick a backend (:mod:`facd_fast.backends`), let it
+compute the per-patch distances or errors, and finish with the O(B) ratio,
+mask and reduction shared by every backend.
+
+NaN or Inf in the features propagate to the result, as in torch's losses;
+a NaN on a masked-out patch is dropped with the patch.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .backends import backend_names, resolve
+
+DISTANCES = ("l1", "l2")
+NORMALIZATIONS = ("channel", "none")
+REDUCTIONS = ("mean", "sum", "none")
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_feature(name: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATING:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {x.dtype}")
+
+
+def _check_same_device(named: dict) -> None:
+    devices = {name: x.device for name, x in named.items() if x is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"inputs must be on one device, got {listed}")
+
+
+def _check_mask(mask, batch: int) -> None:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor of shape ({batch},) or None, got {type(mask).__name__}")
+    if mask.shape != (batch,):
+        raise ValueError(f"mask must have shape ({batch},) (one value per patch), got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool or torch.compiler.is_compiling():
+        return
+    if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("mask must hold only 0 and 1 (or be a bool tensor)")
+
+
+def _check_positive_real(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_backend(backend) -> None:
+    names = backend_names()
+    if not isinstance(backend, str) or backend not in names:
+        raise ValueError(f"backend must be one of {names}, got {backend!r}")
+
+
+def contrastive_loss(
+    student: Tensor,
+    teacher: Tensor,
+    negatives: Optional[Tensor] = None,
+    *,
+    mask: Optional[Tensor] = None,
+    distance: str = "l1",
+    normalize: str = "channel",
+    eps: float = 1e-6,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Feature-domain contrastive loss of one tap.
+
+    Args:
+        student: (B, C, H, W) float16/bfloat16/float32/float64, the student
+            feature after its DR adapter.
+        teacher: (B, C, H, W), same dtype and device: the positives.
+        negatives: (B, K, C, H, W) explicit negatives, ``negatives[i]`` for
+            patch i; None (default) uses in-batch negatives, the teacher
+            features of every other patch (needs B >= 2).
+        mask: (B,) of 0/1 (bool or numeric) or None; patches with 0 add
+            nothing and get no gradient. The mask itself gets no gradient.
+        distance: ``"l1"`` (mean absolute difference) or ``"l2"`` (mean
+            squared difference) over C*H*W.
+        normalize: ``"channel"`` divides each position's C-vector by its L2
+            norm (floored at 1e-6); ``"none"`` compares raw features.
+        eps: > 0, added to the negative distance in the ratio.
+        reduction: ``"mean"`` (sum of masked ratios / B), ``"sum"`` or
+            ``"none"`` (the (B,) masked ratios).
+        backend: ``"auto"``, ``"reference"`` or a fused backend; see
+            :func:`facd_fast.available_backends`.
+
+    Returns:
+        A scalar, or (B,) for ``reduction="none"``, in the inputs' dtype
+        (computed in float32 for half inputs).
+    """
+    _check_feature("student", student)
+    _check_feature("teacher", teacher)
+    if student.dim() != 4:
+        raise ValueError(f"student must have shape (B, C, H, W), got {tuple(student.shape)}")
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher must have the student's shape {tuple(student.shape)}, got {tuple(teacher.shape)}")
+    if teacher.dtype != student.dtype:
+        raise TypeError(f"teacher must have the student's dtype {student.dtype}, got {teacher.dtype}")
+    if student.numel() == 0:
+        raise ValueError(f"student must not be empty, got shape {tuple(student.shape)}")
+    batch = student.shape[0]
+    if negatives is None:
+        if batch < 2:
+            raise ValueError(
+                f"in-batch negatives need a batch of at least 2 patches, got B={batch}; "
+                "pass explicit negatives or a larger batch"
+            )
+    else:
+        _check_feature("negatives", negatives)
+        if negatives.dtype != student.dtype:
+            raise TypeError(f"negatives must have the student's dtype {student.dtype}, got {negatives.dtype}")
+        if negatives.dim() != 5:
+            raise ValueError(f"negatives must have shape (B, K, C, H, W), got {tuple(negatives.shape)}")
+        if negatives.shape[0] != batch or negatives.shape[2:] != student.shape[1:]:
+            raise ValueError(
+                f"negatives must have shape ({batch}, K, {', '.join(map(str, student.shape[1:]))}) "
+                f"to match student {tuple(student.shape)}, got {tuple(negatives.shape)}"
+            )
+        if negatives.shape[1] == 0:
+            raise ValueError("negatives must hold at least one negative per patch (K >= 1), got K=0")
+    _check_same_device({"student": student, "teacher": teacher, "negatives": negatives, "mask": mask})
+    if mask is not None:
+        _check_mask(mask, batch)
+    _check_choice("distance", distance, DISTANCES)
+    _check_choice("normalize", normalize, NORMALIZATIONS)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_positive_real("eps", eps)
+    _check_backend(backend)
+
+    _, ops = resolve(backend, student.device)
+    d_pos, d_neg = ops.feature_distances(student, teacher, negatives, distance, normalize)
+    return reference.contrastive_ratio(d_pos, d_neg, mask, eps, reduction).to(student.dtype)
+
+
+def _check_images(sr_student, sr_teacher, hr) -> None:
+    named = {"sr_student": sr_student, "sr_teacher": sr_teacher, "hr": hr}
+    for name, x in named.items():
+        _check_feature(name, x)
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(x.shape)}")
+        if x.shape != hr.shape:
+            raise ValueError(f"{name} must have hr's shape {tuple(hr.shape)}, got {tuple(x.shape)}")
+    if hr.numel() == 0:
+        raise ValueError(f"hr must not be empty, got shape {tuple(hr.shape)}")
+    _check_same_device(named)
+
+
+def patch_mse(sr_student: Tensor, sr_teacher: Tensor, hr: Tensor, *, backend: str = "auto") -> Tensor:
+    """Per-patch mean squared errors in one pass: (B, 2) float32 (float64 for float64 hr).
+
+    Column 0 is the student's MSE against hr, column 1 the teacher's; no gradient.
+    """
+    _check_images(sr_student, sr_teacher, hr)
+    _check_backend(backend)
+    _, ops = resolve(backend, hr.device)
+    with torch.no_grad():
+        return ops.patch_mse(sr_student, sr_teacher, hr)
+
+
+def mask_from_mse(mse: Tensor, margin_db: float) -> Tensor:
+    """m_i = PSNR_teacher - PSNR_student > margin_db, from :func:`patch_mse`'s (B, 2) output.
+
+    Tested as mse_student > mse_teacher * 10^(margin_db / 10): the same
+    inequality without the infinities of a zero MSE (a perfect teacher on an
+    imperfect student teaches; two perfect outputs do not; NaN gives False).
+    """
+    return mse[:, 0] > mse[:, 1] * (10.0 ** (margin_db / 10.0))
+
+
+def adaptive_mask(
+    sr_student: Tensor,
+    sr_teacher: Tensor,
+    hr: Tensor,
+    *,
+    margin_db: float = 0.0,
+    data_range: float = 1.0,
+    backend: str = "auto",
+) -> Tensor:
+    """Which patches to distil on: bool (B,), True where the teacher's PSNR beats the student's by more than margin_db.
+
+    Args:
+        sr_student, sr_teacher, hr: (B, 3, H, W) float, values in [0, data_range].
+        margin_db: the PSNR lead, in dB, the teacher needs on a patch.
+        data_range: the images' peak value, > 0. A PSNR difference does not
+            depend on it (it cancels); it is checked so that a wrong scale
+            is caught where the protocol is set.
+    """
+    _check_images(sr_student, sr_teacher, hr)
+    if isinstance(margin_db, bool) or not isinstance(margin_db, numbers.Real) or not math.isfinite(margin_db):
+        raise ValueError(f"margin_db must be a finite number of dB, got {margin_db!r}")
+    _check_positive_real("data_range", data_range)
+    return mask_from_mse(patch_mse(sr_student, sr_teacher, hr, backend=backend), margin_db)

@@ -1,0 +1,102 @@
+"""``FACDLoss``: the weighted FACD term over all taps, with its adaptive mask."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import api, reference
+
+
+class FACDLoss(nn.Module):
+    """sum_j w_j * contrastive_loss(student_j, teacher_j, mask=m), with m the adaptive mask.
+
+    Args:
+        tap_weights: w_j, one per tap (default three taps of weight 1).
+        use_mask: gate every patch by :func:`facd_fast.adaptive_mask` (True)
+            or distil on all patches (False, the "facd-nomask" ablation).
+        margin_db: the teacher's PSNR lead, in dB, for a patch to be distilled.
+        distance, normalize, eps, backend: passed to :func:`facd_fast.contrastive_loss`.
+        data_range: the images' peak value.
+
+    Call with lists of per-tap student features (after DR) and teacher
+    features, each (B, C_j, H_j, W_j), and the images sr_student,
+    sr_teacher, hr, each (B, 3, H, W). Returns ``(loss, diagnostics)``:
+    loss is a scalar in the features' dtype; diagnostics holds detached
+    tensors: ``tap_losses`` (J,), ``mask`` (B,) bool, ``distilled_fraction``
+    (share of patches distilled) and ``psnr_gap_db`` (mean PSNR of the
+    teacher minus the student over the batch; +inf if the teacher is exact
+    on a patch the student is not).
+    """
+
+    def __init__(
+        self,
+        tap_weights: Sequence[float] = (1.0, 1.0, 1.0),
+        *,
+        use_mask: bool = True,
+        margin_db: float = 0.0,
+        distance: str = "l1",
+        normalize: str = "channel",
+        eps: float = 1e-6,
+        data_range: float = 1.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        weights = [float(w) for w in tap_weights]
+        if not weights:
+            raise ValueError("tap_weights must name at least one tap, got an empty sequence")
+        if any(w < 0 for w in weights):
+            raise ValueError(f"tap_weights must be >= 0, got {weights}")
+        self.tap_weights: Tuple[float, ...] = tuple(weights)
+        self.use_mask = bool(use_mask)
+        self.margin_db = float(margin_db)
+        self.distance = distance
+        self.normalize = normalize
+        self.eps = eps
+        self.data_range = data_range
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return (
+            f"tap_weights={self.tap_weights}, use_mask={self.use_mask}, margin_db={self.margin_db}, "
+            f"distance={self.distance!r}, normalize={self.normalize!r}"
+        )
+
+    def forward(
+        self,
+        student_features: Sequence[Tensor],
+        teacher_features: Sequence[Tensor],
+        sr_student: Tensor,
+        sr_teacher: Tensor,
+        hr: Tensor,
+        negatives: Optional[Sequence[Optional[Tensor]]] = None,
+    ) -> Tuple[Tensor, Dict[str, Tensor]]:
+        taps = len(self.tap_weights)
+        if len(student_features) != taps or len(teacher_features) != taps:
+            raise ValueError(
+                f"student_features and teacher_features must hold {taps} taps (one per tap weight), "
+                f"got {len(student_features)} and {len(teacher_features)}"
+            )
+        if negatives is not None and len(negatives) != taps:
+            raise ValueError(f"negatives must hold {taps} entries (None for in-batch), got {len(negatives)}")
+        with torch.no_grad():
+            mse = api.patch_mse(sr_student.detach(), sr_teacher, hr, backend=self.backend)
+            mask = api.mask_from_mse(mse, self.margin_db)
+        tap_losses = [
+            api.contrastive_loss(
+                s, t, None if negatives is None else negatives[j],
+                mask=mask if self.use_mask else None,
+                distance=self.distance, normalize=self.normalize, eps=self.eps,
+                reduction="mean", backend=self.backend,
+            )
+            for j, (s, t) in enumerate(zip(student_features, teacher_features))
+        ]
+        loss = sum(w * l for w, l in zip(self.tap_weights, tap_losses))
+        diagnostics = {
+            "tap_losses": torch.stack([l.detach().float() for l in tap_losses]),
+            "mask": mask,
+            "distilled_fraction": mask.float().mean(),
+            "psnr_gap_db": reference.psnr_gap(mse, self.data_range).mean(),
+        }
+        return loss, diagnostics

@@ -1,0 +1,153 @@
+"""The FACD loss and adaptive mask in plain PyTorch: the oracle.
+
+A direct transcription of ``docs/loss.md`` (spec sections 3 and 4). It is
+written to be read, not to be fast: the in-batch negatives materialise a
+(B, B, C, H, W) tensor of pairwise differences. Every fused backend is tested
+against these functions.
+
+No input checking happens here; :mod:`facd_fast.api` validates and then calls
+either these functions or a fused backend.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+#: Floor of the per-position channel norm in ``normalize="channel"``.
+EPS_NORM = 1e-6
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype FACD accumulates in: float32 for half types, else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def normalize_features(x: Tensor, normalize: str) -> Tensor:
+    """phi: x (..., C, H, W) -> each spatial position's C-vector over max(||v||_2, EPS_NORM)."""
+    if normalize == "none":
+        return x
+    norm = torch.linalg.vector_norm(x, dim=-3, keepdim=True)
+    return x / norm.clamp_min(EPS_NORM)
+
+
+def feature_distance(a: Tensor, b: Tensor, distance: str) -> Tensor:
+    """d(a, b): mean over the last three dims (C, H, W) of |a - b| or (a - b)^2."""
+    diff = a - b
+    per_element = diff.abs() if distance == "l1" else diff.square()
+    return per_element.mean(dim=(-3, -2, -1))
+
+
+def feature_distances(
+    student: Tensor,
+    teacher: Tensor,
+    negatives: Optional[Tensor],
+    distance: str,
+    normalize: str,
+) -> Tuple[Tensor, Tensor]:
+    """The two per-patch distances every FACD backend computes.
+
+    student, teacher: (B, C, H, W); negatives: (B, K, C, H, W) or None.
+    Returns ``(d_pos, d_neg)``, each (B,): d_pos[i] = d(s_i, t_i) and
+    d_neg[i] = mean over the negatives N_i of d(s_i, x), where N_i is
+    {t_k : k != i} when ``negatives`` is None, else {negatives[i, k]}.
+    """
+    s = normalize_features(student, normalize)
+    t = normalize_features(teacher, normalize)
+    d_pos = feature_distance(s, t, distance)
+    if negatives is None:
+        batch = s.shape[0]
+        d_all = feature_distance(s[:, None], t[None, :], distance)  # (B, B): d(s_i, t_k)
+        off_diagonal = ~torch.eye(batch, dtype=torch.bool, device=s.device)
+        d_neg = d_all[off_diagonal].view(batch, batch - 1).mean(dim=1)
+    else:
+        n = normalize_features(negatives, normalize)
+        d_neg = feature_distance(s[:, None], n, distance).mean(dim=1)
+    return d_pos, d_neg
+
+
+def contrastive_ratio(
+    d_pos: Tensor,
+    d_neg: Tensor,
+    mask: Optional[Tensor],
+    eps: float,
+    reduction: str,
+) -> Tensor:
+    """l_i = d_pos_i / (d_neg_i + eps), masked by m_i and reduced.
+
+    ``mean`` is sum_i m_i l_i / B (masked patches still count in B), ``sum``
+    is sum_i m_i l_i, ``none`` is the (B,) vector m_i l_i.
+    """
+    per_patch = d_pos / (d_neg + eps)
+    if mask is not None:
+        # where(), not a product, so that a NaN on a masked patch is dropped too.
+        per_patch = torch.where(mask.to(torch.bool), per_patch, torch.zeros_like(per_patch))
+    if reduction == "none":
+        return per_patch
+    total = per_patch.sum()
+    return total / per_patch.shape[0] if reduction == "mean" else total
+
+
+def contrastive_loss(
+    student: Tensor,
+    teacher: Tensor,
+    negatives: Optional[Tensor] = None,
+    *,
+    mask: Optional[Tensor] = None,
+    distance: str = "l1",
+    normalize: str = "channel",
+    eps: float = 1e-6,
+    reduction: str = "mean",
+) -> Tensor:
+    """Feature-domain contrastive loss of one tap (spec section 3).
+
+    student: (B, C, H, W) float, already passed through DR; teacher: (B, C, H, W);
+    negatives: (B, K, C, H, W) or None for in-batch negatives; mask: (B,) of 0/1.
+    Half inputs are computed in float32; the result has the input dtype.
+    """
+    dtype = compute_dtype(student.dtype)
+    d_pos, d_neg = feature_distances(
+        student.to(dtype),
+        teacher.to(dtype),
+        None if negatives is None else negatives.to(dtype),
+        distance,
+        normalize,
+    )
+    return contrastive_ratio(d_pos, d_neg, mask, eps, reduction).to(student.dtype)
+
+
+def patch_mse(sr_student: Tensor, sr_teacher: Tensor, hr: Tensor) -> Tensor:
+    """(B, 2) in ``compute_dtype``: per-patch MSE of the student and the teacher against hr."""
+    dtype = compute_dtype(hr.dtype)
+    hr = hr.to(dtype)
+    mse_student = (sr_student.to(dtype) - hr).square().mean(dim=(1, 2, 3))
+    mse_teacher = (sr_teacher.to(dtype) - hr).square().mean(dim=(1, 2, 3))
+    return torch.stack((mse_student, mse_teacher), dim=1)
+
+
+def psnr_from_mse(mse: Tensor, data_range: float) -> Tensor:
+    """PSNR in dB; +inf where mse is 0."""
+    return 10.0 * torch.log10(data_range**2 / mse)
+
+
+def psnr_gap(mse: Tensor, data_range: float) -> Tensor:
+    """(B,) PSNR(teacher) - PSNR(student) in dB, from ``patch_mse``'s (B, 2) output."""
+    return psnr_from_mse(mse[:, 1], data_range) - psnr_from_mse(mse[:, 0], data_range)
+
+
+@torch.no_grad()
+def adaptive_mask(
+    sr_student: Tensor,
+    sr_teacher: Tensor,
+    hr: Tensor,
+    *,
+    margin_db: float = 0.0,
+    data_range: float = 1.0,
+) -> Tensor:
+    """Per-patch distillation mask (spec section 4): bool (B,), True where the teacher wins.
+
+    sr_student, sr_teacher, hr: (B, 3, H, W) in [0, data_range].
+    """
+    gap = psnr_gap(patch_mse(sr_student, sr_teacher, hr), data_range)
+    return gap > margin_db

@@ -1,0 +1,1 @@
+"""Triton kernels of facd_fast, installed as ``facd_fast.kernels``."""
