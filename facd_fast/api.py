@@ -44,11 +44,13 @@ def _check_same_device(named: dict) -> None:
         raise ValueError(f"inputs must be on one device, got {listed}")
 
 
-def _check_mask(mask, batch: int) -> None:
+def _check_mask(mask, batch: int, device: torch.device) -> None:
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a torch.Tensor of shape ({batch},) or None, got {type(mask).__name__}")
     if mask.shape != (batch,):
         raise ValueError(f"mask must have shape ({batch},) (one value per patch), got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask must be on the features' device {device}, got {mask.device}")
     if mask.dtype == torch.bool or torch.compiler.is_compiling():
         return
     if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
@@ -133,9 +135,9 @@ def contrastive_loss(
             )
         if negatives.shape[1] == 0:
             raise ValueError("negatives must hold at least one negative per patch (K >= 1), got K=0")
-    _check_same_device({"student": student, "teacher": teacher, "negatives": negatives, "mask": mask})
+    _check_same_device({"student": student, "teacher": teacher, "negatives": negatives})
     if mask is not None:
-        _check_mask(mask, batch)
+        _check_mask(mask, batch, student.device)
     _check_choice("distance", distance, DISTANCES)
     _check_choice("normalize", normalize, NORMALIZATIONS)
     _check_choice("reduction", reduction, REDUCTIONS)

@@ -1,0 +1,99 @@
+"""Bad input to the public API: the error type, and a message naming the argument."""
+import pytest
+import torch
+
+import facd_fast
+
+S = (2, 3, 4, 5)
+
+
+def features(shape=S, dtype=torch.float32):
+    return torch.rand(shape, dtype=dtype), torch.rand(shape, dtype=dtype)
+
+
+def call(student, teacher, negatives=None, **kwargs):
+    return facd_fast.contrastive_loss(student, teacher, negatives, **kwargs)
+
+
+LOSS_CASES = {
+    "teacher-shape": (lambda: call(torch.rand(S), torch.rand(2, 3, 4, 6)), ValueError, "teacher"),
+    "student-rank": (lambda: call(torch.rand(2, 3, 4), torch.rand(2, 3, 4)), ValueError, "student"),
+    "student-5d": (lambda: call(torch.rand(2, 1, 3, 4, 5), torch.rand(2, 1, 3, 4, 5)), ValueError, "student"),
+    "in-batch-B1": (lambda: call(*features((1, 3, 4, 5))), ValueError, "B=1"),
+    "negatives-batch": (lambda: call(*features(), torch.rand(3, 2, 3, 4, 5)), ValueError, "negatives"),
+    "negatives-chw": (lambda: call(*features(), torch.rand(2, 2, 3, 4, 6)), ValueError, "negatives"),
+    "negatives-rank": (lambda: call(*features(), torch.rand(2, 3, 4, 5)), ValueError, "negatives"),
+    "negatives-K0": (lambda: call(*features(), torch.rand(2, 0, 3, 4, 5)), ValueError, "negatives"),
+    "student-int": (lambda: call(torch.ones(S, dtype=torch.int64), torch.rand(S)), TypeError, "student"),
+    "teacher-bool": (lambda: call(torch.rand(S), torch.ones(S, dtype=torch.bool)), TypeError, "teacher"),
+    "negatives-int": (lambda: call(*features(), torch.ones(2, 2, 3, 4, 5, dtype=torch.int32)), TypeError, "negatives"),
+    "student-list": (lambda: call([[1.0]], torch.rand(S)), TypeError, "student"),
+    "dtype-mismatch": (lambda: call(torch.rand(S), torch.rand(S, dtype=torch.float64)), TypeError, "teacher"),
+    "devices": (lambda: call(torch.rand(S), torch.rand(S, device="meta")), ValueError, "device"),
+    "mask-length": (lambda: call(*features(), mask=torch.ones(3)), ValueError, "mask"),
+    "mask-values": (lambda: call(*features(), mask=torch.tensor([0.0, 0.5])), ValueError, "mask"),
+    "mask-2d": (lambda: call(*features(), mask=torch.ones(2, 1)), ValueError, "mask"),
+    "mask-list": (lambda: call(*features(), mask=[1, 0]), TypeError, "mask"),
+    "distance": (lambda: call(*features(), distance="cosine"), ValueError, "distance"),
+    "normalize": (lambda: call(*features(), normalize="layer"), ValueError, "normalize"),
+    "reduction": (lambda: call(*features(), reduction="max"), ValueError, "reduction"),
+    "eps-zero": (lambda: call(*features(), eps=0.0), ValueError, "eps"),
+    "eps-negative": (lambda: call(*features(), eps=-1e-6), ValueError, "eps"),
+    "eps-nan": (lambda: call(*features(), eps=float("nan")), ValueError, "eps"),
+    "eps-string": (lambda: call(*features(), eps="1e-6"), ValueError, "eps"),
+    "backend": (lambda: call(*features(), backend="cuda-magic"), ValueError, "backend"),
+    "empty": (lambda: call(*features((2, 0, 4, 5))), ValueError, "student"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOSS_CASES))
+def test_contrastive_loss_rejects(case):
+    fn, error, name = LOSS_CASES[case]
+    with pytest.raises(error, match=name):
+        fn()
+
+
+def images(shape=(2, 3, 4, 4)):
+    return torch.rand(shape), torch.rand(shape), torch.rand(shape)
+
+
+MASK_CASES = {
+    "shape": (lambda: facd_fast.adaptive_mask(torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 5), torch.rand(2, 3, 4, 4)), ValueError, "sr_teacher"),
+    "rank": (lambda: facd_fast.adaptive_mask(torch.rand(3, 4, 4), torch.rand(3, 4, 4), torch.rand(3, 4, 4)), ValueError, "sr_student"),
+    "int": (lambda: facd_fast.adaptive_mask(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), *images()[1:]), TypeError, "sr_student"),
+    "device": (lambda: facd_fast.adaptive_mask(*images()[:2], torch.rand(2, 3, 4, 4, device="meta")), ValueError, "device"),
+    "margin": (lambda: facd_fast.adaptive_mask(*images(), margin_db=float("inf")), ValueError, "margin_db"),
+    "data-range": (lambda: facd_fast.adaptive_mask(*images(), data_range=0), ValueError, "data_range"),
+    "backend": (lambda: facd_fast.adaptive_mask(*images(), backend="nope"), ValueError, "backend"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MASK_CASES))
+def test_adaptive_mask_rejects(case):
+    fn, error, name = MASK_CASES[case]
+    with pytest.raises(error, match=name):
+        fn()
+
+
+def test_backend_environment_variable(monkeypatch):
+    s, t = features()
+    monkeypatch.setenv("FACD_BACKEND", "reference")
+    torch.testing.assert_close(facd_fast.contrastive_loss(s, t), facd_fast.contrastive_loss(s, t, backend="reference"))
+    monkeypatch.setenv("FACD_BACKEND", "warp-drive")
+    with pytest.raises(ValueError, match="FACD_BACKEND"):
+        facd_fast.contrastive_loss(s, t)
+
+
+def test_facd_loss_module_rejects_bad_taps():
+    with pytest.raises(ValueError, match="tap_weights"):
+        facd_fast.FACDLoss(tap_weights=())
+    with pytest.raises(ValueError, match="tap_weights"):
+        facd_fast.FACDLoss(tap_weights=(1.0, -1.0))
+    s, t = features()
+    with pytest.raises(ValueError, match="student_features"):
+        facd_fast.FACDLoss(tap_weights=(1.0, 1.0))([s], [t], *images((2, 3, 8, 8)))
+
+
+def test_mask_on_another_device_is_rejected():
+    with pytest.raises(ValueError, match="mask"):
+        call(*features(), mask=torch.ones(2, device="meta"))
