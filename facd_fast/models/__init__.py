@@ -1,0 +1,19 @@
+"""Super-resolution networks for FACD: EDSR and RCAN with BasicSR's parameter names.
+
+    build(name, scale=4, **overrides)         a preset (PRESETS) as an nn.Module
+    model(x, return_features=True)            -> (sr, [tap features])
+    DRAdapters(student_ch, teacher_ch, J)     the FACD DR blocks, kept outside the student
+    load_pretrained / model_from_checkpoint   BasicSR, EDSR-PyTorch, official RCAN and our files
+    save_checkpoint_basicsr                   BasicSR-format export with our architecture record
+"""
+from .adapters import DRAdapters
+from .checkpoints import (detect_layout, infer_config, load_pretrained, model_from_checkpoint,
+                          save_checkpoint_basicsr, to_basicsr_keys)
+from .edsr import EDSR
+from .network import DIV2K_RGB_MEAN
+from .presets import ARCHS, PRESETS, build, count_parameters, from_config
+from .rcan import RCAN
+
+__all__ = ["EDSR", "RCAN", "ARCHS", "PRESETS", "DIV2K_RGB_MEAN", "DRAdapters", "build", "from_config",
+           "count_parameters", "load_pretrained", "save_checkpoint_basicsr", "model_from_checkpoint",
+           "detect_layout", "infer_config", "to_basicsr_keys"]

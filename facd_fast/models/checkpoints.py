@@ -1,0 +1,238 @@
+"""Checkpoint import and export.
+
+Layouts read (detected from the key names):
+
+- ours / BasicSR: ``conv_first``, ``body.N.conv1``, ``body.G.residual_group.B.rcab...``,
+  ``conv_after_body``, ``upsample.K``, ``conv_last``; a file may wrap them in
+  ``params_ema`` / ``params`` (BasicSR) and prefix ``module.`` (DataParallel).
+- EDSR-PyTorch (sanghyun-son/EDSR-PyTorch): ``head.0``, ``body.i.body.{0,2}``,
+  ``body.N`` (closing conv), ``tail.0.K``, ``tail.1``, ``sub_mean`` / ``add_mean``.
+- official RCAN (yulunzhang/RCAN): ``head.0``, ``body.g.body.b.body.{0,2}``,
+  ``body.g.body.b.body.3.conv_du.{0,2}``, ``body.g.body.M`` (group conv),
+  ``body.G`` (closing conv), ``tail.0.K``, ``tail.1``, ``sub_mean`` / ``add_mean``.
+
+The foreign layouts fold the mean shift into 1x1 convs (``sub_mean`` /
+``add_mean``); they are checked against our fixed mean shift and dropped.
+Export writes BasicSR's layout plus a ``facd_fast`` entry recording the architecture.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .presets import ARCHS, PRESETS, build, from_config
+
+METADATA_KEY = "facd_fast"
+_WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
+
+# (pattern on a foreign key, replacement in BasicSR's names); first match wins.
+_EDSR_PYTORCH_TO_BASICSR = [
+    (r"head\.0\.", "conv_first."),
+    (r"body\.(\d+)\.body\.0\.", r"body.\1.conv1."),
+    (r"body\.(\d+)\.body\.2\.", r"body.\1.conv2."),
+    (r"body\.(\d+)\.(weight|bias)$", r"conv_after_body.\2"),
+    (r"tail\.0\.(\d+)\.", r"upsample.\1."),
+    (r"tail\.1\.", "conv_last."),
+]
+_RCAN_TO_BASICSR = [
+    (r"head\.0\.", "conv_first."),
+    (r"body\.(\d+)\.body\.(\d+)\.body\.([02])\.", r"body.\1.residual_group.\2.rcab.\3."),
+    (r"body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.0\.", r"body.\1.residual_group.\2.rcab.3.attention.1."),
+    (r"body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.2\.", r"body.\1.residual_group.\2.rcab.3.attention.3."),
+    (r"body\.(\d+)\.body\.(\d+)\.(weight|bias)$", r"body.\1.conv.\3"),
+    (r"body\.(\d+)\.(weight|bias)$", r"conv_after_body.\2"),
+    (r"tail\.0\.(\d+)\.", r"upsample.\1."),
+    (r"tail\.1\.", "conv_last."),
+]
+
+
+def _read(path_or_state_dict) -> Mapping:
+    if isinstance(path_or_state_dict, Mapping):
+        return path_or_state_dict
+    if not isinstance(path_or_state_dict, (str, os.PathLike)):
+        raise TypeError(f"path_or_state_dict must be a path or a state dict, got {type(path_or_state_dict).__name__}")
+    path = Path(path_or_state_dict)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a corrupt or foreign pickle
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+
+
+def _unwrap(checkpoint: Mapping) -> tuple[dict[str, Tensor], dict | None]:
+    """The tensors of a checkpoint (``params_ema`` preferred, ``module.`` stripped) and our metadata."""
+    metadata = checkpoint.get(METADATA_KEY)
+    state = checkpoint
+    for key in _WRAPPER_KEYS:
+        if isinstance(checkpoint.get(key), Mapping):
+            state = checkpoint[key]
+            break
+    tensors = {key.removeprefix("module."): value for key, value in state.items() if isinstance(value, Tensor)}
+    if not tensors:
+        raise ValueError(f"checkpoint holds no tensors (top-level keys: {sorted(map(str, checkpoint))[:10]})")
+    return tensors, metadata
+
+
+def detect_layout(state_dict: Mapping[str, Tensor]) -> str:
+    """``"basicsr"`` (also ours), ``"edsr-pytorch"`` or ``"rcan-official"``."""
+    keys = list(state_dict)
+    if any(key.startswith("head.0.") for key in keys):
+        return "rcan-official" if any(".conv_du." in key for key in keys) else "edsr-pytorch"
+    if "conv_first.weight" in state_dict:
+        return "basicsr"
+    raise ValueError(f"unrecognised checkpoint layout; first keys: {keys[:8]}")
+
+
+def _check_mean_shift(state_dict: Mapping[str, Tensor], rgb_mean, img_range: float) -> None:
+    """EDSR-PyTorch's sub_mean/add_mean must equal our fixed shift, else outputs would silently differ."""
+    expected = torch.tensor(rgb_mean, dtype=torch.float64) * img_range
+    for name, sign in (("sub_mean", -1.0), ("add_mean", 1.0)):
+        bias = state_dict.get(f"{name}.bias")
+        weight = state_dict.get(f"{name}.weight")
+        if bias is None:
+            continue
+        eye = torch.eye(len(rgb_mean), dtype=torch.float64).view(len(rgb_mean), len(rgb_mean), 1, 1)
+        if not torch.allclose(bias.double(), sign * expected, atol=1e-3) or (
+                weight is not None and not torch.allclose(weight.double(), eye, atol=1e-6)):
+            raise ValueError(f"checkpoint's {name} (bias {bias.tolist()}) is not the mean shift of the model "
+                             f"(rgb_mean {list(rgb_mean)}, img_range {img_range}, std 1); it cannot load unchanged")
+
+
+def to_basicsr_keys(state_dict: Mapping[str, Tensor], *, rgb_mean=None, img_range: float = 255.0) -> dict[str, Tensor]:
+    """A state dict in any known layout, renamed to BasicSR's keys (sub_mean/add_mean checked and dropped)."""
+    layout = detect_layout(state_dict)
+    if layout == "basicsr":
+        return dict(state_dict)
+    from .network import DIV2K_RGB_MEAN
+    _check_mean_shift(state_dict, DIV2K_RGB_MEAN if rgb_mean is None else rgb_mean, img_range)
+    rules = _RCAN_TO_BASICSR if layout == "rcan-official" else _EDSR_PYTORCH_TO_BASICSR
+    converted = {}
+    for key, value in state_dict.items():
+        if key.split(".")[0] in ("sub_mean", "add_mean"):
+            continue
+        for pattern, replacement in rules:
+            new_key, found = re.subn("^" + pattern, replacement, key)
+            if found:
+                converted[new_key] = value
+                break
+        else:
+            converted[key] = value  # left as is: reported as unexpected if the model lacks it
+    return converted
+
+
+def _mismatch_message(model: nn.Module, state: Mapping[str, Tensor]) -> str:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
+                         for key in set(own) & set(state) if own[key].shape != state[key].shape)
+    parts = []
+    for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shape)):
+        if keys:
+            parts.append(f"{title} ({len(keys)}): {', '.join(keys)}")
+    return "; ".join(parts)
+
+
+def load_pretrained(model: nn.Module, path_or_state_dict, strict: bool = True) -> dict[str, list[str]]:
+    """Load a checkpoint in any known layout into ``model``.
+
+    strict=True: any missing, unexpected or mis-shaped key raises ValueError
+    listing them all. strict=False: loads the keys that fit and returns
+    ``{"missing": [...], "unexpected": [...]}``.
+    """
+    tensors, _ = _unwrap(_read(path_or_state_dict))
+    state = to_basicsr_keys(tensors, rgb_mean=getattr(model, "rgb_mean", None),
+                            img_range=getattr(model, "img_range", 255.0))
+    message = _mismatch_message(model, state)
+    if message and strict:
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}: {message}")
+    own = model.state_dict()
+    fitting = {key: value for key, value in state.items() if key in own and own[key].shape == value.shape}
+    result = model.load_state_dict(fitting, strict=False)
+    return {"missing": sorted(result.missing_keys), "unexpected": sorted(set(state) - set(fitting))}
+
+
+def save_checkpoint_basicsr(model: nn.Module, path) -> Path:
+    """Write ``{"params": state_dict, "facd_fast": {"arch", "config", "scale"}}`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"params": {key: value.detach().cpu() for key, value in model.state_dict().items()},
+               METADATA_KEY: {"arch": model.arch, "config": model.config(), "scale": model.scale}}
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(payload, file)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _indices(keys, pattern: str) -> set[int]:
+    return {int(match.group(1)) for key in keys if (match := re.match(pattern, key))}
+
+
+def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
+    """The architecture of a BasicSR-named state dict, from its key names and tensor shapes.
+
+    res_scale is not stored in weights: it is taken from the preset with the
+    same shape when there is one (0.1 for the EDSR teacher), else 1.
+    """
+    keys = list(state_dict)
+    num_feat, num_in_ch = state_dict["conv_first.weight"].shape[:2]
+    upsample_convs = sorted(_indices(keys, r"upsample\.(\d+)\.weight"))
+    if not upsample_convs:
+        raise ValueError("cannot infer the scale: the checkpoint has no upsample.K.weight")
+    growth = state_dict[f"upsample.{upsample_convs[0]}.weight"].shape[0] // num_feat
+    scale = 3 if growth == 9 else 2 ** len(upsample_convs)
+    config = {"scale": scale, "num_feat": int(num_feat), "num_in_ch": int(num_in_ch),
+              "num_out_ch": int(state_dict["conv_last.weight"].shape[0])}
+    if any(".residual_group." in key for key in keys):
+        squeezed = state_dict["body.0.residual_group.0.rcab.3.attention.1.weight"].shape[0]
+        config.update(arch="rcan", num_group=len(_indices(keys, r"body\.(\d+)\.conv\.weight")),
+                      num_block=len(_indices(keys, r"body\.0\.residual_group\.(\d+)\.rcab\.0\.weight")),
+                      reduction=int(num_feat // squeezed))
+    else:
+        config.update(arch="edsr", num_block=len(_indices(keys, r"body\.(\d+)\.conv1\.weight")))
+    shape_keys = [key for key in ("num_feat", "num_block", "num_group", "reduction") if key in config]
+    for name, (arch, kwargs) in PRESETS.items():
+        if arch == config["arch"] and all(kwargs.get(key, config[key]) == config[key] for key in shape_keys):
+            config.update(res_scale=kwargs.get("res_scale", 1.0), preset=name)
+            break
+    else:
+        config.update(res_scale=1.0, preset=None)
+    return config
+
+
+def model_from_checkpoint(path_or_state_dict, preset: str | None = None, scale: int | None = None) -> nn.Module:
+    """Build the network a checkpoint holds and load it.
+
+    The architecture comes from our metadata when present, else from ``preset``
+    (at ``scale``, or the scale read from the weights), else it is inferred
+    from the key names and tensor shapes.
+    """
+    checkpoint = _read(path_or_state_dict)
+    tensors, metadata = _unwrap(checkpoint)
+    if preset is not None:
+        state = to_basicsr_keys(tensors)
+        model = build(preset, scale if scale is not None else infer_config(state)["scale"])
+    elif isinstance(metadata, Mapping) and isinstance(metadata.get("config"), Mapping):
+        config = dict(metadata["config"])
+        if scale is not None and scale != config["scale"]:
+            raise ValueError(f"scale={scale} disagrees with the checkpoint's recorded scale {config['scale']}")
+        model = from_config(config)
+    else:
+        config = infer_config(to_basicsr_keys(tensors))
+        if scale is not None and scale != config["scale"]:
+            raise ValueError(f"scale={scale} disagrees with the scale {config['scale']} read from the weights")
+        model = ARCHS[config.pop("arch")](**config)
+    load_pretrained(model, tensors)
+    return model
