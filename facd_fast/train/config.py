@@ -1,0 +1,208 @@
+"""Training configuration: TOML files over built-in defaults, plus ``--set`` overrides.
+
+A config is a two-level mapping ``section -> key -> value``. :data:`DEFAULTS`
+lists every key the trainer reads with its default and type; a TOML file or
+an override may only set keys that exist there (a typo is an error naming
+the key and the keys that do exist), with a value of the default's type.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+Config = Dict[str, Dict[str, Any]]
+
+METHODS = ("none", "fd-l1", "fd-l2", "fakd", "facd", "facd-nomask")
+
+DEFAULTS: Config = {
+    "run": {
+        # A run writes under out_dir/<stage>, stage "teacher" or the distillation method:
+        # logs, checkpoints, plots and the exported network <stage>.pth.
+        "out_dir": "runs/run",
+        "seed": 0,
+        # "auto" picks cuda when available (the local rank's GPU under torchrun), else cpu.
+        "device": "auto",
+        # Deterministic kernels and fixed thread count: resumed runs equal uninterrupted ones bit for bit.
+        "deterministic": False,
+        # torch intra-op threads; 0 keeps torch's default.
+        "threads": 0,
+    },
+    "model": {
+        # Presets of facd_fast.models.build.
+        "student": "edsr-student",
+        "teacher": "edsr-teacher",
+        # The frozen teacher's weights (any layout facd_fast.models.load_pretrained reads); required to distil.
+        "teacher_checkpoint": "",
+        "scale": 4,
+    },
+    "data": {
+        # A folder of HR training images, or "builtin" for the built-in real-photo set.
+        "train_hr_dir": "",
+        "train_lr_dir": "",
+        # Validation images: a benchmark folder (Set5 layout or plain HR folder), or "builtin".
+        "val_hr_dir": "",
+        "val_lr_dir": "",
+        # Where "builtin" photos are written.
+        "builtin_root": "datasets/builtin",
+        "cache_dir": "",
+        # HR patch side; the LR patch is patch_size / scale.
+        "patch_size": 192,
+        "augment": True,
+        # Each epoch visits every image `repeat` times (small folders give longer epochs).
+        "repeat": 1,
+        "num_workers": 0,
+        # Validation during training on at most this many images (0: all), each centre-cropped
+        # to at most val_crop HR pixels a side (0: whole images); final evaluation uses `facd eval`.
+        "val_max_images": 0,
+        "val_crop": 0,
+    },
+    "train": {
+        "batch_size": 16,
+        "iterations": 300000,
+        "lr": 1e-4,
+        # Step decay: lr is multiplied by lr_gamma every lr_step iterations.
+        "lr_step": 200000,
+        "lr_gamma": 0.5,
+        "betas": [0.9, 0.99],
+        "weight_decay": 0.0,
+        # "auto": bf16 autocast on CUDA, off on CPU; "bf16": on everywhere; "off".
+        "amp": "auto",
+        "channels_last": True,
+        "compile": False,
+        # EMA of the student's weights; 0 disables it.
+        "ema_decay": 0.0,
+        "log_every": 100,
+        "val_every": 5000,
+        "checkpoint_every": 5000,
+        "tensorboard": False,
+        "progress": True,
+        # End-of-run curves and visual comparison PNGs.
+        "plots": True,
+    },
+    "distill": {
+        "method": "facd",
+        # alpha weighs the output distillation term L1(sr_s, sr_t) against L1(sr_s, hr).
+        "alpha": 0.5,
+        # lambda weighs the feature term (FACD, FD or FAKD), summed over taps with tap_weights.
+        "lambda": 1.0,
+        "tap_weights": [1.0, 1.0, 1.0],
+        # "auto": the adaptive mask gates both distillation terms for facd only; true/false force it
+        # for fd-l1/fd-l2/fakd (facd-nomask is always unmasked, none has nothing to gate).
+        "use_mask": "auto",
+        "margin_db": 0.0,
+        # FACD's distance and feature normalisation (spec section 3).
+        "distance": "l1",
+        "normalize": "channel",
+        # Loss backend: "auto", "reference" or a fused backend name.
+        "backend": "auto",
+    },
+}
+
+#: Keys whose value may take one of several types.
+_ALTERNATIVE_TYPES = {("distill", "use_mask"): (bool, str)}
+_CHOICES = {
+    ("distill", "method"): METHODS,
+    ("distill", "use_mask"): ("auto", True, False),
+    ("train", "amp"): ("auto", "bf16", "off"),
+    ("distill", "distance"): ("l1", "l2"),
+    ("distill", "normalize"): ("channel", "none"),
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed, names an unknown key or has a wrong-typed value."""
+
+
+def _check_value(section: str, key: str, value: Any) -> Any:
+    default = DEFAULTS[section][key]
+    allowed = _ALTERNATIVE_TYPES.get((section, key), (type(default),))
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        names = " or ".join(t.__name__ for t in allowed)
+        raise ConfigError(f"{section}.{key} must be of type {names}, got {value!r} ({type(value).__name__})")
+    if isinstance(default, list):
+        value = [float(v) if isinstance(default[0], float) and isinstance(v, int) else v for v in value]
+    choices = _CHOICES.get((section, key))
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{section}.{key} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _merge(config: Config, updates: Mapping[str, Any], origin: str) -> None:
+    for section, values in updates.items():
+        if section not in DEFAULTS:
+            raise ConfigError(f"{origin}: unknown section [{section}]; sections are {sorted(DEFAULTS)}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{origin}: [{section}] must be a table of keys, got {values!r}")
+        for key, value in values.items():
+            if key not in DEFAULTS[section]:
+                raise ConfigError(
+                    f"{origin}: unknown key {section}.{key}; keys of [{section}] are {sorted(DEFAULTS[section])}"
+                )
+            config[section][key] = _check_value(section, key, value)
+
+
+def parse_override(text: str) -> tuple:
+    """``"train.batch_size=8"`` -> ``("train", "batch_size", 8)``.
+
+    The value is read as a TOML value (``8``, ``1e-4``, ``true``, ``"x"``, ``[1, 2]``);
+    a bare word that is not valid TOML is taken as a string (``model.student=edsr-demo-student``).
+    """
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: the key must be section.key, got {dotted.strip()!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts[0], parts[1], value
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """The defaults, updated by the TOML file at ``path`` (if any), then by each ``section.key=value`` override."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+        _merge(config, data, str(path))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _merge(config, {section: {key: value}}, f"--set {text}")
+    return config
+
+
+def dump_config(config: Config) -> str:
+    """The config as TOML text (the subset of TOML the values need), written beside every run."""
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
