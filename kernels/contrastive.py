@@ -1,0 +1,520 @@
+"""Triton kernels of the FACD feature distances: forward and backward for every option.
+
+The contract is :mod:`facd_fast.backends.custom_ops`'s: ``feature_distances_forward``
+gives ``(d_pos, d_neg)`` and ``feature_distances_backward`` the gradients of
+``sum(grad_pos * d_pos + grad_neg * d_neg)``; the ratio, mask and reduction
+are O(B) PyTorch in :mod:`facd_fast.api`.
+
+Pairs. A row is one patch's (C, H, W) feature. An *anchor* row of batch index
+b is compared with the *other* rows ``others[b, k]``, k < K_o, by
+psi(anchor_hat - other_hat) summed over the C*H*W elements, where x_hat is x
+after channel normalisation and psi is |x| (l1) or x^2 (l2). In-batch
+negatives pass the teacher expanded to (B, B, C, H, W) with batch stride 0:
+every anchor meets every teacher row, and a program loads a block of anchors
+and a block of teacher rows once and forms all their pairs in registers.
+Explicit negatives pass (B, K, C, H, W): each anchor has its own rows, so a
+program holds one anchor (BLOCK_A = 1) and a block of its negatives. Nothing
+of size (B, B, C, H, W) or (B, K, C, H, W) is ever written.
+
+Forward: per-program partial sums over a span of elements, written to a small
+(spans, B, K_o) buffer and summed in a fixed order (deterministic, no
+atomics). Only the channel inverse norms, (rows, H*W), are kept between
+kernels. Backward recomputes the pairs: a program owns a block of anchor
+elements and sweeps all other rows, so every gradient element is one
+register sum (no atomics either); a second kernel takes the gradient through
+the channel normalisation. Loads cast to the compute dtype (float32, float64
+for float64 inputs) before any arithmetic.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from facd_fast.reference import EPS_NORM, compute_dtype
+
+from .utils import element_offsets, on_device, split_elements, target_programs, tl_compute_dtype
+
+#: Most elements of the (BLOCK_A, BLOCK_K, BLOCK_E) pair tile one program holds in registers.
+_PAIR_TILE_ELEMENTS = 8192
+#: Largest anchor and other-row blocks.
+_MAX_ROW_BLOCK = 16
+_MAX_ELEMENT_BLOCK = 256
+_POSITION_BLOCK = 128
+
+
+@triton.jit
+def _psi(diff, DISTANCE_L1: tl.constexpr):
+    if DISTANCE_L1:
+        return tl.abs(diff)
+    else:
+        return diff * diff
+
+
+@triton.jit
+def _psi_prime(diff, DISTANCE_L1: tl.constexpr):
+    if DISTANCE_L1:
+        # sign with sign(0) = 0, as autograd's abs has it
+        return (diff > 0).to(diff.dtype) - (diff < 0).to(diff.dtype)
+    else:
+        return 2.0 * diff
+
+
+@triton.jit
+def _load_rows(
+    ptr, row_offsets, offsets, inv_norm_ptr, inv_norm_row_offsets, positions, mask,
+    COMPUTE_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr,
+):
+    """A (rows, elements) tile in COMPUTE_DTYPE, channel-normalised if NORMALIZE; 0 where masked."""
+    x = tl.load(ptr + row_offsets[:, None] + offsets[None, :], mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    if NORMALIZE:
+        x = x * tl.load(inv_norm_ptr + inv_norm_row_offsets[:, None] + positions[None, :], mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def _channel_inverse_norms_kernel(
+    x_ptr, inv_norm_ptr,
+    stride_outer, stride_inner, stride_c, stride_h, stride_w,
+    n_inner, n_channels, width, n_positions, eps_norm,
+    COMPUTE_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """inv_norm[row, p] = 1 / max(||x[row, :, p]||_2, eps_norm) for rows of an (outer, inner, C, H, W) tensor."""
+    pid_p = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)
+    positions = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = positions < n_positions
+    spatial = (positions // width) * stride_h + (positions % width) * stride_w
+    row_ptr = x_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+    sum_sq = tl.zeros([BLOCK_P], dtype=COMPUTE_DTYPE)
+    for channel in range(n_channels):
+        x = tl.load(row_ptr + channel * stride_c + spatial, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        sum_sq += x * x
+    inv_norm = 1.0 / tl.maximum(tl.sqrt(sum_sq), eps_norm)
+    tl.store(inv_norm_ptr + row * n_positions + positions, inv_norm, mask=mask)
+
+
+@triton.jit
+def _pair_distance_sums_kernel(
+    anchor_ptr, others_ptr, positive_ptr,
+    anchor_inv_ptr, others_inv_ptr, positive_inv_ptr,
+    pair_sums_ptr, positive_sums_ptr,
+    anchor_stride_b, anchor_stride_c, anchor_stride_h, anchor_stride_w,
+    others_stride_b, others_stride_k, others_stride_c, others_stride_h, others_stride_w,
+    positive_stride_b, positive_stride_c, positive_stride_h, positive_stride_w,
+    others_inv_stride_b, others_inv_stride_k,
+    n_anchors, n_others, n_positions, width, n_elements, blocks_per_span,
+    COMPUTE_DTYPE: tl.constexpr, DISTANCE_L1: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_POSITIVE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """Partial sums over one span of elements of psi(anchor_hat[a] - others_hat[a, k]).
+
+    pair_sums[span, a, k] gets the pair sums; with HAS_POSITIVE (explicit
+    negatives) positive_sums[span, a] also gets psi(anchor_hat[a] - positive_hat[a]).
+    Anchors and positives are (B, C, H, W) rows; their inverse norms are (B, H*W) contiguous.
+    """
+    pid_span = tl.program_id(0).to(tl.int64)
+    pid_a = tl.program_id(1).to(tl.int64)
+    anchors = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    anchor_mask = anchors < n_anchors
+    first_element = pid_span * blocks_per_span * BLOCK_E
+    # others_stride_b is 0 when all anchors share the other rows (in-batch); otherwise
+    # BLOCK_A == 1 and the other rows are this one anchor's.
+    others_base = others_ptr + pid_a * BLOCK_A * others_stride_b
+    others_inv_base = others_inv_ptr + pid_a * BLOCK_A * others_inv_stride_b
+
+    if HAS_POSITIVE:
+        positive_acc = tl.zeros([BLOCK_A, BLOCK_E], dtype=COMPUTE_DTYPE)
+        for block in range(blocks_per_span):
+            elements = first_element + block * BLOCK_E + tl.arange(0, BLOCK_E)
+            positions = elements % n_positions
+            mask = anchor_mask[:, None] & (elements < n_elements)[None, :]
+            anchor = _load_rows(
+                anchor_ptr, anchors * anchor_stride_b,
+                element_offsets(elements, n_positions, width, anchor_stride_c, anchor_stride_h, anchor_stride_w),
+                anchor_inv_ptr, anchors * n_positions, positions, mask, COMPUTE_DTYPE, NORMALIZE,
+            )
+            positive = _load_rows(
+                positive_ptr, anchors * positive_stride_b,
+                element_offsets(elements, n_positions, width, positive_stride_c, positive_stride_h, positive_stride_w),
+                positive_inv_ptr, anchors * n_positions, positions, mask, COMPUTE_DTYPE, NORMALIZE,
+            )
+            positive_acc += _psi(anchor - positive, DISTANCE_L1)
+        tl.store(positive_sums_ptr + pid_span * n_anchors + anchors, tl.sum(positive_acc, axis=1), mask=anchor_mask)
+
+    for first_other in range(0, n_others, BLOCK_K):
+        others = first_other + tl.arange(0, BLOCK_K)
+        others_mask = others < n_others
+        pair_acc = tl.zeros([BLOCK_A, BLOCK_K, BLOCK_E], dtype=COMPUTE_DTYPE)
+        for block in range(blocks_per_span):
+            elements = first_element + block * BLOCK_E + tl.arange(0, BLOCK_E)
+            positions = elements % n_positions
+            element_mask = (elements < n_elements)[None, :]
+            anchor = _load_rows(
+                anchor_ptr, anchors * anchor_stride_b,
+                element_offsets(elements, n_positions, width, anchor_stride_c, anchor_stride_h, anchor_stride_w),
+                anchor_inv_ptr, anchors * n_positions, positions, anchor_mask[:, None] & element_mask,
+                COMPUTE_DTYPE, NORMALIZE,
+            )
+            other = _load_rows(
+                others_base, others * others_stride_k,
+                element_offsets(elements, n_positions, width, others_stride_c, others_stride_h, others_stride_w),
+                others_inv_base, others * others_inv_stride_k, positions, others_mask[:, None] & element_mask,
+                COMPUTE_DTYPE, NORMALIZE,
+            )
+            pair_acc += _psi(anchor[:, None, :] - other[None, :, :], DISTANCE_L1)
+        tl.store(
+            pair_sums_ptr + (pid_span * n_anchors + anchors[:, None]) * n_others + others[None, :],
+            tl.sum(pair_acc, axis=2),
+            mask=anchor_mask[:, None] & others_mask[None, :],
+        )
+
+
+@triton.jit
+def _pair_gradient_kernel(
+    anchor_ptr, others_ptr, positive_ptr, weights_ptr, positive_weights_ptr,
+    anchor_inv_ptr, others_inv_ptr, positive_inv_ptr, grad_ptr,
+    anchor_stride_b, anchor_stride_k, anchor_stride_c, anchor_stride_h, anchor_stride_w,
+    others_stride_b, others_stride_k, others_stride_c, others_stride_h, others_stride_w,
+    positive_stride_b, positive_stride_c, positive_stride_h, positive_stride_w,
+    grad_stride_b, grad_stride_k, grad_stride_c, grad_stride_h, grad_stride_w,
+    weights_stride_b, weights_stride_k, others_inv_stride_b, others_inv_stride_k,
+    n_anchor_rows, anchors_per_batch, n_others, n_positions, width, n_elements,
+    COMPUTE_DTYPE: tl.constexpr, DISTANCE_L1: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_POSITIVE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """grad[r] = sum_k weights[b, k] psi'(anchor_hat[r] - others_hat[b, k]) (+ positive_weights[b] psi'(anchor_hat[r] - positive_hat[b])).
+
+    The gradient with respect to anchor_hat, for anchor rows r = (b, j) of a
+    (B, anchors_per_batch, C, H, W) tensor. Positives are (B, C, H, W);
+    anchor inverse norms are (n_anchor_rows, H*W) contiguous, positive ones (B, H*W).
+    """
+    pid_e = tl.program_id(0).to(tl.int64)
+    pid_a = tl.program_id(1).to(tl.int64)
+    rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    row_mask = rows < n_anchor_rows
+    batch = rows // anchors_per_batch
+    within = rows % anchors_per_batch
+    elements = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    positions = elements % n_positions
+    element_mask = (elements < n_elements)[None, :]
+    mask = row_mask[:, None] & element_mask
+    anchor = _load_rows(
+        anchor_ptr, batch * anchor_stride_b + within * anchor_stride_k,
+        element_offsets(elements, n_positions, width, anchor_stride_c, anchor_stride_h, anchor_stride_w),
+        anchor_inv_ptr, rows * n_positions, positions, mask, COMPUTE_DTYPE, NORMALIZE,
+    )
+    grad = tl.zeros([BLOCK_A, BLOCK_E], dtype=COMPUTE_DTYPE)
+    if HAS_POSITIVE:
+        positive = _load_rows(
+            positive_ptr, batch * positive_stride_b,
+            element_offsets(elements, n_positions, width, positive_stride_c, positive_stride_h, positive_stride_w),
+            positive_inv_ptr, batch * n_positions, positions, mask, COMPUTE_DTYPE, NORMALIZE,
+        )
+        positive_weight = tl.load(positive_weights_ptr + batch, mask=row_mask, other=0.0).to(COMPUTE_DTYPE)
+        grad += positive_weight[:, None] * _psi_prime(anchor - positive, DISTANCE_L1)
+
+    # others_stride_b is 0 when all anchors share the other rows (in-batch); otherwise
+    # BLOCK_A == 1 and the other rows are this one anchor's batch's.
+    first_batch = (pid_a * BLOCK_A) // anchors_per_batch
+    others_base = others_ptr + first_batch * others_stride_b
+    others_inv_base = others_inv_ptr + first_batch * others_inv_stride_b
+    others_offsets = element_offsets(elements, n_positions, width, others_stride_c, others_stride_h, others_stride_w)
+    for first_other in range(0, n_others, BLOCK_K):
+        others = first_other + tl.arange(0, BLOCK_K)
+        others_mask = others < n_others
+        other = _load_rows(
+            others_base, others * others_stride_k, others_offsets,
+            others_inv_base, others * others_inv_stride_k, positions, others_mask[:, None] & element_mask,
+            COMPUTE_DTYPE, NORMALIZE,
+        )
+        weight = tl.load(
+            weights_ptr + batch[:, None] * weights_stride_b + others[None, :] * weights_stride_k,
+            mask=row_mask[:, None] & others_mask[None, :],
+            other=0.0,
+        ).to(COMPUTE_DTYPE)
+        grad += tl.sum(weight[:, :, None] * _psi_prime(anchor[:, None, :] - other[None, :, :], DISTANCE_L1), axis=1)
+
+    grad_offsets = element_offsets(elements, n_positions, width, grad_stride_c, grad_stride_h, grad_stride_w)
+    grad_rows = batch * grad_stride_b + within * grad_stride_k
+    tl.store(
+        grad_ptr + grad_rows[:, None] + grad_offsets[None, :],
+        grad.to(grad_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+@triton.jit
+def _channel_normalize_backward_kernel(
+    x_ptr, grad_hat_ptr, grad_ptr,
+    x_stride_outer, x_stride_inner, x_stride_c, x_stride_h, x_stride_w,
+    grad_hat_stride_outer, grad_hat_stride_inner, grad_hat_stride_c, grad_hat_stride_h, grad_hat_stride_w,
+    grad_stride_outer, grad_stride_inner, grad_stride_c, grad_stride_h, grad_stride_w,
+    n_inner, n_channels, width, n_positions, eps_norm,
+    COMPUTE_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """grad = (grad_hat - x_hat <x_hat, grad_hat>) / ||x|| where ||x|| > eps_norm, else grad_hat / eps_norm.
+
+    Per spatial position of each row of an (outer, inner, C, H, W) tensor;
+    the inner products run over C.
+    """
+    pid_p = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)
+    outer = row // n_inner
+    inner = row % n_inner
+    positions = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = positions < n_positions
+    h = positions // width
+    w = positions % width
+    x_row = x_ptr + outer * x_stride_outer + inner * x_stride_inner + h * x_stride_h + w * x_stride_w
+    grad_hat_row = (
+        grad_hat_ptr + outer * grad_hat_stride_outer + inner * grad_hat_stride_inner
+        + h * grad_hat_stride_h + w * grad_hat_stride_w
+    )
+    grad_row = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner + h * grad_stride_h + w * grad_stride_w
+
+    sum_sq = tl.zeros([BLOCK_P], dtype=COMPUTE_DTYPE)
+    dot = tl.zeros([BLOCK_P], dtype=COMPUTE_DTYPE)
+    for channel in range(n_channels):
+        x = tl.load(x_row + channel * x_stride_c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        grad_hat = tl.load(grad_hat_row + channel * grad_hat_stride_c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        sum_sq += x * x
+        dot += x * grad_hat
+    norm = tl.sqrt(sum_sq)
+    inv_norm = 1.0 / tl.maximum(norm, eps_norm)
+    # <x_hat, grad_hat> / ||x|| times x_hat = x * dot / ||x||^3; below the floor phi is x / eps_norm, linear.
+    projection = tl.where(norm > eps_norm, dot * inv_norm * inv_norm * inv_norm, 0.0)
+    for channel in range(n_channels):
+        x = tl.load(x_row + channel * x_stride_c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        grad_hat = tl.load(grad_hat_row + channel * grad_hat_stride_c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        grad = grad_hat * inv_norm - x * projection
+        tl.store(grad_row + channel * grad_stride_c, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# --- host launchers ------------------------------------------------------------------------------
+
+
+def _rows_view(x: Tensor) -> Tensor:
+    """x as (outer, inner, C, H, W): a (B, C, H, W) feature gets inner = 1 (a view, no copy)."""
+    return x.unsqueeze(1) if x.dim() == 4 else x
+
+
+def _flags(x: Tensor, distance: str, normalize: str) -> dict:
+    return dict(
+        COMPUTE_DTYPE=tl_compute_dtype(x.dtype),
+        DISTANCE_L1=distance == "l1",
+        NORMALIZE=normalize == "channel",
+    )
+
+
+def _inverse_norms(x: Tensor, normalize: str) -> Tensor:
+    """:func:`channel_inverse_norms` of x, or, without normalisation, an unread one-element placeholder of its shape."""
+    if normalize == "channel":
+        return channel_inverse_norms(x)
+    return x.new_empty((), dtype=compute_dtype(x.dtype)).expand(*x.shape[:-3], x.shape[-2] * x.shape[-1])
+
+
+def _pair_blocks(n_anchor_rows: int, n_others: int, shared_others: bool, dtype: torch.dtype) -> dict:
+    """Block sizes of a pair tile: as many elements as fit ``_PAIR_TILE_ELEMENTS`` registers.
+
+    Anchors come in blocks only when they share their other rows (in-batch);
+    each explicit-negatives anchor has rows of its own, so its block is 1.
+    """
+    block_a = min(triton.next_power_of_2(n_anchor_rows), _MAX_ROW_BLOCK) if shared_others else 1
+    block_k = min(triton.next_power_of_2(n_others), _MAX_ROW_BLOCK)
+    tile = _PAIR_TILE_ELEMENTS // (2 if dtype == torch.float64 else 1)
+    block_e = max(16, min(_MAX_ELEMENT_BLOCK, tile // (block_a * block_k)))
+    return dict(BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_E=block_e)
+
+
+def channel_inverse_norms(x: Tensor) -> Tensor:
+    """1 / max(||v||_2, EPS_NORM) of every position's C-vector v.
+
+    x: (B, C, H, W) or (B, K, C, H, W), any strides, float16/bfloat16/float32/float64.
+    Returns (B, H*W) or (B, K, H*W), contiguous, in ``compute_dtype(x.dtype)``.
+    """
+    rows = _rows_view(x)
+    outer, inner, channels, height, width = rows.shape
+    n_positions = height * width
+    inv_norm = torch.empty((outer, inner, n_positions), dtype=compute_dtype(x.dtype), device=x.device)
+    grid = (triton.cdiv(n_positions, _POSITION_BLOCK), outer * inner)
+    with on_device(x):
+        _channel_inverse_norms_kernel[grid](
+            rows, inv_norm, *rows.stride(), inner, channels, width, n_positions, EPS_NORM,
+            COMPUTE_DTYPE=tl_compute_dtype(x.dtype), BLOCK_P=_POSITION_BLOCK,
+        )
+    return inv_norm if x.dim() == 5 else inv_norm.squeeze(1)
+
+
+def _pair_distance_sums(
+    anchor: Tensor, others: Tensor, positive: Optional[Tensor],
+    anchor_inv: Tensor, others_inv: Tensor, positive_inv: Optional[Tensor],
+    distance: str, normalize: str,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Sums over C*H*W of psi(anchor_hat[a] - others_hat[a, k]) (and of psi(anchor_hat[a] - positive_hat[a])).
+
+    anchor, positive: (B, C, H, W); others: (B, K_o, C, H, W), batch stride 0
+    when shared by every anchor. *_inv: the matching inverse norms (others_inv
+    expanded like others). Returns (B, K_o) and (B,) or None.
+    """
+    batch, n_others = others.shape[:2]
+    _, channels, height, width = anchor.shape
+    n_positions = height * width
+    n_elements = channels * n_positions
+    shared = others.stride(0) == 0
+    blocks = _pair_blocks(batch, n_others, shared, anchor.dtype)
+    anchor_blocks = triton.cdiv(batch, blocks["BLOCK_A"])
+    n_spans, blocks_per_span = split_elements(
+        n_elements, blocks["BLOCK_E"], triton.cdiv(target_programs(anchor.device), anchor_blocks)
+    )
+    dtype = compute_dtype(anchor.dtype)
+    pair_sums = torch.empty((n_spans, batch, n_others), dtype=dtype, device=anchor.device)
+    has_positive = positive is not None
+    positive_sums = torch.empty((n_spans, batch), dtype=dtype, device=anchor.device) if has_positive else pair_sums
+    if not has_positive:  # the kernel never reads them; any tensor of the right rank fills the slots
+        positive, positive_inv = anchor, anchor_inv
+    with on_device(anchor):
+        _pair_distance_sums_kernel[(n_spans, anchor_blocks)](
+            anchor, others, positive, anchor_inv, others_inv, positive_inv, pair_sums, positive_sums,
+            *anchor.stride(), *others.stride(), *positive.stride(), others_inv.stride(0), others_inv.stride(1),
+            batch, n_others, n_positions, width, n_elements, blocks_per_span,
+            HAS_POSITIVE=has_positive, **_flags(anchor, distance, normalize), **blocks,
+        )
+    return pair_sums.sum(dim=0), positive_sums.sum(dim=0) if has_positive else None
+
+
+def feature_distances_forward(
+    student: Tensor, teacher: Tensor, negatives: Optional[Tensor], distance: str, normalize: str
+) -> Tuple[Tensor, Tensor]:
+    """(d_pos, d_neg), each (B,) in ``compute_dtype``: see :func:`facd_fast.reference.feature_distances`.
+
+    student, teacher: (B, C, H, W); negatives: (B, K, C, H, W) or None
+    (in-batch); any strides; float16, bfloat16, float32 or float64.
+    """
+    batch = student.shape[0]
+    n_elements = student[0].numel()
+    student_inv, teacher_inv = _inverse_norms(student, normalize), _inverse_norms(teacher, normalize)
+    if negatives is None:
+        others = teacher.unsqueeze(0).expand(batch, *teacher.shape)
+        others_inv = teacher_inv.unsqueeze(0).expand(batch, *teacher_inv.shape)
+        sums, _ = _pair_distance_sums(student, others, None, student_inv, others_inv, None, distance, normalize)
+        diagonal = torch.eye(batch, dtype=torch.bool, device=student.device)
+        d_pos = sums.diagonal() / n_elements
+        d_neg = sums.masked_fill(diagonal, 0).sum(dim=1) / ((batch - 1) * n_elements)
+        return d_pos, d_neg
+    negatives_inv = _inverse_norms(negatives, normalize)
+    sums, positive_sums = _pair_distance_sums(
+        student, negatives, teacher, student_inv, negatives_inv, teacher_inv, distance, normalize
+    )
+    return positive_sums / n_elements, sums.sum(dim=1) / (negatives.shape[1] * n_elements)
+
+
+def _anchor_gradient(
+    anchor: Tensor, others: Tensor, weights: Tensor,
+    anchor_inv: Tensor, others_inv: Tensor,
+    positive: Optional[Tensor], positive_weights: Optional[Tensor], positive_inv: Optional[Tensor],
+    distance: str, normalize: str,
+) -> Tensor:
+    """Gradient of sum_{b,k} weights[b, k] d(anchor[b, j], others[b, k]) (+ positive terms) w.r.t. anchor.
+
+    anchor: (B, J, C, H, W), others: (B, K_o, C, H, W) (batch stride 0 when
+    shared), weights: (B, K_o) with the 1/(C*H*W) of the mean folded in;
+    positive: (B, C, H, W) with positive_weights (B,), or None. Returns a
+    tensor like ``anchor``, in its dtype and strides.
+    """
+    n_rows_outer, per_batch, channels, height, width = anchor.shape
+    n_positions = height * width
+    n_elements = channels * n_positions
+    n_others = others.shape[1]
+    shared = others.stride(0) == 0
+    blocks = _pair_blocks(n_rows_outer * per_batch, n_others, shared, anchor.dtype)
+    grad = torch.empty_like(anchor)
+    normalized = normalize == "channel"
+    # phi's backward needs the whole C-vector of grad_hat at a position: keep grad_hat whole, in compute dtype.
+    grad_hat = torch.empty(anchor.shape, dtype=compute_dtype(anchor.dtype), device=anchor.device) if normalized else grad
+    has_positive = positive is not None
+    if not has_positive:  # the kernel never reads them; any tensors of the right rank fill the slots
+        positive, positive_weights, positive_inv = anchor[:, 0], weights, anchor_inv
+    grid = (triton.cdiv(n_elements, blocks["BLOCK_E"]), triton.cdiv(n_rows_outer * per_batch, blocks["BLOCK_A"]))
+    with on_device(anchor):
+        _pair_gradient_kernel[grid](
+            anchor, others, positive, weights, positive_weights, anchor_inv, others_inv, positive_inv, grad_hat,
+            *anchor.stride(), *others.stride(), *positive.stride(), *grad_hat.stride(),
+            *weights.stride(), others_inv.stride(0), others_inv.stride(1),
+            n_rows_outer * per_batch, per_batch, n_others, n_positions, width, n_elements,
+            HAS_POSITIVE=has_positive, **_flags(anchor, distance, normalize), **blocks,
+        )
+        if normalized:
+            _channel_normalize_backward_kernel[(triton.cdiv(n_positions, _POSITION_BLOCK), n_rows_outer * per_batch)](
+                anchor, grad_hat, grad, *anchor.stride(), *grad_hat.stride(), *grad.stride(),
+                per_batch, channels, width, n_positions, EPS_NORM,
+                COMPUTE_DTYPE=tl_compute_dtype(anchor.dtype), BLOCK_P=_POSITION_BLOCK,
+            )
+    return grad
+
+
+def feature_distances_backward(
+    grad_pos: Tensor, grad_neg: Tensor,
+    student: Tensor, teacher: Tensor, negatives: Optional[Tensor],
+    distance: str, normalize: str,
+    need_student: bool, need_teacher: bool, need_negatives: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum(grad_pos * d_pos + grad_neg * d_neg) w.r.t. student, teacher, negatives.
+
+    grad_pos, grad_neg: (B,) upstream gradients; the rest as in
+    :func:`feature_distances_forward`. Each gradient is shaped, typed and
+    strided like its input where needed, an empty tensor where not (tests/closed_form.py has the formulas).
+    """
+    batch = student.shape[0]
+    n_elements = student[0].numel()
+    dtype = compute_dtype(student.dtype)
+    grad_pos = grad_pos.to(dtype) / n_elements
+    grad_neg = grad_neg.to(dtype) / n_elements
+    student_inv, teacher_inv = _inverse_norms(student, normalize), _inverse_norms(teacher, normalize)
+    # inverse norms of a (B, C, H, W) feature viewed as (B, 1, C, H, W) rows
+    student_rows, teacher_rows = student.unsqueeze(1), teacher.unsqueeze(1)
+    student_rows_inv, teacher_rows_inv = student_inv.unsqueeze(1), teacher_inv.unsqueeze(1)
+    # custom ops may not return aliases: one empty tensor per gradient not asked for
+    g_student, g_teacher, g_negatives = (student.new_empty((0,)) for _ in range(3))
+
+    if negatives is None:
+        # weights[i, k] of the pair (s_i, t_k): grad_neg_i / (B - 1) off the diagonal, grad_pos_i on it
+        weights = (grad_neg / (batch - 1)).unsqueeze(1).expand(batch, batch).clone()
+        weights.diagonal().copy_(grad_pos)
+        if need_student:
+            g_student = _anchor_gradient(
+                student_rows, teacher.unsqueeze(0).expand(batch, *teacher.shape), weights,
+                student_inv, teacher_inv.unsqueeze(0).expand(batch, *teacher_inv.shape),
+                None, None, None, distance, normalize,
+            ).squeeze(1)
+        if need_teacher:
+            # d/dt_k of psi(s_i - t_k) is psi'(t_k - s_i): t_k is the anchor, the students its others
+            g_teacher = _anchor_gradient(
+                teacher_rows, student.unsqueeze(0).expand(batch, *student.shape), weights.t(),
+                teacher_inv, student_inv.unsqueeze(0).expand(batch, *student_inv.shape),
+                None, None, None, distance, normalize,
+            ).squeeze(1)
+        return g_student, g_teacher, g_negatives
+
+    n_negatives = negatives.shape[1]
+    negatives_inv = _inverse_norms(negatives, normalize)
+    negative_weights = (grad_neg / n_negatives).unsqueeze(1)  # (B, 1): the same weight for each k
+    if need_student:
+        g_student = _anchor_gradient(
+            student_rows, negatives, negative_weights.expand(batch, n_negatives),
+            student_inv, negatives_inv, teacher, grad_pos, teacher_inv, distance, normalize,
+        ).squeeze(1)
+    if need_teacher:
+        g_teacher = _anchor_gradient(
+            teacher_rows, student_rows, grad_pos.unsqueeze(1),
+            teacher_inv, student_rows_inv, None, None, None, distance, normalize,
+        ).squeeze(1)
+    if need_negatives:
+        g_negatives = _anchor_gradient(
+            negatives, student_rows, negative_weights,
+            negatives_inv.flatten(0, 1), student_rows_inv, None, None, None, distance, normalize,
+        )
+    return g_student, g_teacher, g_negatives
