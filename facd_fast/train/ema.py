@@ -1,0 +1,39 @@
+"""Exponential moving average of a model's weights."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class ModelEMA:
+    """Keeps ``shadow = decay * shadow + (1 - decay) * weights`` after every optimiser step.
+
+    Args:
+        model: the trained model (its parameters and float buffers are tracked).
+        decay: in (0, 1); 0.999 averages over roughly the last 1000 steps.
+
+    ``shadow`` is a frozen copy of ``model`` in eval mode, the model to validate and export.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = model.state_dict()
+        for name, shadow in self.shadow.state_dict().items():
+            if shadow.is_floating_point():
+                shadow.lerp_(current[name].detach(), 1.0 - self.decay)
+            else:
+                shadow.copy_(current[name])
+
+    def state_dict(self) -> dict:
+        return self.shadow.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow.load_state_dict(state)
