@@ -1,0 +1,88 @@
+// Shared declarations of the fused FACD CPU kernels (csrc/facd_kernels.h) and
+// their host code (csrc/facd_cpu.cpp). Plain C++ only: the per-ISA translation
+// units include this and the ATen vector headers, nothing else from torch.
+#pragma once
+
+#include <cstdint>
+
+namespace facd {
+
+// Floor of the per-position channel norm in normalize="channel" (reference.EPS_NORM).
+constexpr double kEpsNorm = 1e-6;
+
+// Target number of elements (channels x positions) of one tile row: a 4x2
+// block of rows then streams through L1 (6 rows x 4 KiB in float32).
+constexpr int64_t kTileElements = 1024;
+
+// Tile rows are zero-padded to a multiple of this many elements, the widest
+// vector (AVX-512, 16 floats): padded elements are 0 in every row, so they add
+// psi(0) = 0 to every sum and psi'(0) = 0 to every gradient, and no loop needs
+// a scalar tail.
+constexpr int64_t kRowAlignment = 16;
+
+enum class Distance { L1, L2 };
+enum class ScalarKind { Float16, BFloat16, Float32, Float64 };
+
+// A strided (rows, C, H, W) feature stack: row r lives at
+// data + (r / rows_inner) * stride_outer + (r % rows_inner) * stride_inner.
+// student/teacher: rows = B (rows_inner = 1); negatives: rows = B*K (rows_inner = K).
+struct FeatureRows {
+  void* data = nullptr;  // nullptr: absent (no negatives, or a gradient not needed)
+  ScalarKind kind = ScalarKind::Float32;
+  int64_t rows_inner = 1;
+  int64_t stride_outer = 0, stride_inner = 0;
+  int64_t stride_c = 0, stride_h = 0, stride_w = 0;
+
+  int64_t row_offset(int64_t row) const {
+    return (row / rows_inner) * stride_outer + (row % rows_inner) * stride_inner;
+  }
+};
+
+// One distance computation. The position space (H*W) is cut into tiles of
+// `positions_per_tile` consecutive positions; a tile's work depends only on
+// its index, so any split of the tiles across threads gives the same bits.
+//
+// Pairs come in groups: in-batch negatives are one group (every student row
+// against every teacher row, B x B pairs); explicit negatives are B groups
+// (student i against teacher i, then negatives[i, 0..K-1]: 1 x (1+K) pairs).
+struct DistanceProblem {
+  FeatureRows student, teacher, negatives;
+  int64_t batch = 0, channels = 0, height = 0, width = 0;
+  int64_t negatives_per_patch = 0;  // K; 0 means in-batch negatives
+  Distance distance = Distance::L1;
+  bool normalize = true;
+  bool compute_in_double = false;  // float64 inputs; else float32 accumulation
+  int64_t positions_per_tile = 1, tiles = 1, row_length = kRowAlignment;
+
+  bool in_batch() const { return negatives_per_patch == 0; }
+  int64_t groups() const { return in_batch() ? 1 : batch; }
+  int64_t group_students() const { return in_batch() ? batch : 1; }
+  int64_t group_targets() const { return in_batch() ? batch : 1 + negatives_per_patch; }
+  int64_t pairs() const { return groups() * group_students() * group_targets(); }
+};
+
+// Where the gradients go; an absent (data == nullptr) output is not computed.
+struct GradientOutputs {
+  FeatureRows student, teacher, negatives;
+};
+
+// The kernels of one instruction set. Each processes tiles [tile_begin, tile_end).
+struct KernelTable {
+  const char* name;
+  // partial: (tiles, pairs) float64; writes rows tile_begin..tile_end-1:
+  // partial[tile][pair] = sum over the tile's elements of psi(x - y), pairs in
+  // group-major, student-major order.
+  void (*distance_sums)(const DistanceProblem&, int64_t tile_begin, int64_t tile_end, double* partial);
+  // weights: (pairs,) float64, dL/dsum of each pair (already divided by C*H*W,
+  // and doubled for l2 so that psi' is the plain difference). Writes the
+  // gradient of every element of the tiles' positions in each present output.
+  void (*distance_gradients)(const DistanceProblem&, const double* weights, const GradientOutputs&,
+                             int64_t tile_begin, int64_t tile_end);
+};
+
+// nullptr where the instruction set is not compiled in (non-x86, non-GCC-compatible compiler).
+const KernelTable* default_kernels();
+const KernelTable* avx2_kernels();
+const KernelTable* avx512_kernels();
+
+}  // namespace facd
