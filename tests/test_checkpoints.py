@@ -186,3 +186,19 @@ def test_bad_checkpoint_inputs(tmp_path):
     path = save_checkpoint_basicsr(_small_edsr(2), tmp_path / "x2.pth")
     with pytest.raises(ValueError, match="scale=4 disagrees"):
         model_from_checkpoint(path, scale=4)
+
+
+def test_wrapped_models_save_and_load_as_the_bare_network(tmp_path):
+    class CompiledLike(torch.nn.Module):  # torch.compile's OptimizedModule holds the network as _orig_mod
+        def __init__(self, network):
+            super().__init__()
+            self._orig_mod = network
+
+    source = _small_edsr(2, seed=7)
+    compiled = CompiledLike(source)
+    assert all(key.startswith("_orig_mod.") for key in compiled.state_dict())
+    path = save_checkpoint_basicsr(compiled, tmp_path / "compiled.pth")
+    assert set(torch.load(path, weights_only=True)["params"]) == set(source.state_dict())
+    target = _small_edsr(2, seed=8)
+    load_pretrained(torch.nn.DataParallel(target), compiled.state_dict())
+    _same_outputs(source, target)

@@ -4,7 +4,8 @@ Layouts read (detected from the key names):
 
 - ours / BasicSR: ``conv_first``, ``body.N.conv1``, ``body.G.residual_group.B.rcab...``,
   ``conv_after_body``, ``upsample.K``, ``conv_last``; a file may wrap them in
-  ``params_ema`` / ``params`` (BasicSR) and prefix ``module.`` (DataParallel).
+  ``params_ema`` / ``params`` (BasicSR) and prefix ``module.`` (DataParallel)
+  or ``_orig_mod.`` (torch.compile).
 - EDSR-PyTorch (sanghyun-son/EDSR-PyTorch): ``head.0``, ``body.i.body.{0,2}``,
   ``body.N`` (closing conv), ``tail.0.K``, ``tail.1``, ``sub_mean`` / ``add_mean``.
 - official RCAN (yulunzhang/RCAN): ``head.0``, ``body.g.body.b.body.{0,2}``,
@@ -66,6 +67,21 @@ def _read(path_or_state_dict) -> Mapping:
         raise ValueError(f"cannot read checkpoint {path}: {error}") from error
 
 
+def _strip_wrapper_prefixes(key: str) -> str:
+    """Drop DataParallel's ``module.`` and torch.compile's ``_orig_mod.`` prefixes."""
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _bare_network(model: nn.Module) -> nn.Module:
+    """The network inside a DataParallel / DistributedDataParallel or torch.compile wrapper."""
+    while isinstance(getattr(model, "module", None), nn.Module) or isinstance(getattr(model, "_orig_mod", None),
+                                                                              nn.Module):
+        model = model.module if isinstance(getattr(model, "module", None), nn.Module) else model._orig_mod
+    return model
+
+
 def _unwrap(checkpoint: Mapping) -> tuple[dict[str, Tensor], dict | None]:
     """The tensors of a checkpoint (``params_ema`` preferred, ``module.`` stripped) and our metadata."""
     metadata = checkpoint.get(METADATA_KEY)
@@ -74,7 +90,7 @@ def _unwrap(checkpoint: Mapping) -> tuple[dict[str, Tensor], dict | None]:
         if isinstance(checkpoint.get(key), Mapping):
             state = checkpoint[key]
             break
-    tensors = {key.removeprefix("module."): value for key, value in state.items() if isinstance(value, Tensor)}
+    tensors = {_strip_wrapper_prefixes(key): value for key, value in state.items() if isinstance(value, Tensor)}
     if not tensors:
         raise ValueError(f"checkpoint holds no tensors (top-level keys: {sorted(map(str, checkpoint))[:10]})")
     return tensors, metadata
@@ -147,6 +163,7 @@ def load_pretrained(model: nn.Module, path_or_state_dict, strict: bool = True) -
     listing them all. strict=False: loads the keys that fit and returns
     ``{"missing": [...], "unexpected": [...]}``.
     """
+    model = _bare_network(model)
     tensors, _ = _unwrap(_read(path_or_state_dict))
     state = to_basicsr_keys(tensors, rgb_mean=getattr(model, "rgb_mean", None),
                             img_range=getattr(model, "img_range", 255.0))
@@ -161,6 +178,7 @@ def load_pretrained(model: nn.Module, path_or_state_dict, strict: bool = True) -
 
 def save_checkpoint_basicsr(model: nn.Module, path) -> Path:
     """Write ``{"params": state_dict, "facd_fast": {"arch", "config", "scale"}}`` atomically."""
+    model = _bare_network(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"params": {key: value.detach().cpu() for key, value in model.state_dict().items()},
