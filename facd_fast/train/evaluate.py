@@ -1,0 +1,85 @@
+"""``facd eval``: Y-PSNR / SSIM of a model on a benchmark folder, by the protocol of spec section 6."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from .. import data as sr_data
+from .. import metrics, models
+from .checkpoint import TRAINING_STATE_KEY
+from .trainer import model_file_dict
+
+
+def load_model(path: str | Path, *, preset: Optional[str] = None, scale: Optional[int] = None, ema: bool = False) -> nn.Module:
+    """The network in ``path``: an exported model (ours or foreign) or a trainer checkpoint (its trained network).
+
+    The architecture comes from the file (recorded by us, or inferred from a
+    foreign file's key names and shapes), or from ``preset``; a file whose
+    weights do not fit raises with the missing and unexpected keys.
+    ``ema`` picks a trainer checkpoint's EMA weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    # Trainer checkpoints hold RNG states (numpy arrays), which weights_only loading refuses.
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and state.get(TRAINING_STATE_KEY):
+        if ema and state["ema"] is None:
+            raise ValueError(f"{str(path)!r} holds no EMA weights (the run had train.ema_decay = 0)")
+        state = model_file_dict(state["ema"] if ema else state["model"], state["model_meta"])
+    elif ema:
+        raise ValueError(f"--ema needs a trainer checkpoint, {str(path)!r} is a model file")
+    return models.model_from_checkpoint(state, preset=preset, scale=scale)
+
+
+@torch.no_grad()
+def evaluate(
+    network: Optional[nn.Module],
+    folder,
+    scale: int,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    label: str = "eval",
+) -> Dict[str, Any]:
+    """Per-image and mean Y-PSNR/SSIM of ``network`` (None: bicubic upsampling) on a :class:`BenchmarkFolder`.
+
+    Outputs are clamped, quantised to uint8 and compared on Y with ``scale``
+    pixels of border cropped (:func:`facd_fast.metrics.psnr_y`, :func:`ssim_y`).
+    Returns ``{"mean_psnr_y", "mean_ssim_y", "images": [{"name", "psnr_y", "ssim_y"}, ...]}``.
+    """
+    from tqdm.auto import tqdm
+
+    if network is not None:
+        network = network.to(device).eval()
+    images = []
+    for name, lr, hr in tqdm(folder, desc=label, unit="img", disable=not progress, leave=False):
+        if network is None:
+            sr = sr_data.imresize(lr[None], scale)[0]
+        else:
+            sr = network(lr[None].to(device)).float()[0].cpu()
+        sr_uint8, hr_uint8 = metrics.to_uint8_image(sr), metrics.to_uint8_image(hr)
+        images.append({
+            "name": name,
+            "psnr_y": metrics.psnr_y(sr_uint8, hr_uint8, scale),
+            "ssim_y": metrics.ssim_y(sr_uint8, hr_uint8, scale),
+        })
+    if not images:
+        raise ValueError("the benchmark folder holds no images")
+    return {
+        "mean_psnr_y": sum(i["psnr_y"] for i in images) / len(images),
+        "mean_ssim_y": sum(i["ssim_y"] for i in images) / len(images),
+        "images": images,
+    }
+
+
+def open_benchmark(hr_dir: str | Path, scale: int, lr_dir: Optional[str | Path] = None):
+    """A :class:`facd_fast.data.BenchmarkFolder`, with a clear error when the folder is missing."""
+    if not Path(hr_dir).is_dir():
+        raise FileNotFoundError(f"--hr-dir: folder {str(hr_dir)!r} does not exist")
+    if lr_dir is not None and not Path(lr_dir).is_dir():
+        raise FileNotFoundError(f"--lr-dir: folder {str(lr_dir)!r} does not exist")
+    return sr_data.BenchmarkFolder(hr_dir, scale, lr_dir=lr_dir)

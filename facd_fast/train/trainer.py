@@ -1,0 +1,473 @@
+"""The trainer behind ``facd train-teacher`` and ``facd distill``.
+
+One loop serves both: ``train-teacher`` trains ``model.teacher`` on L1 to the
+ground truth; ``distill`` trains ``model.student`` (plus its DR adapters)
+against the frozen ``model.teacher`` with the objective of
+:mod:`facd_fast.train.objective`. Single process, or data parallel under
+``torchrun`` (gloo on CPU, nccl on GPU) with rank 0 alone logging and writing.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .. import data as sr_data
+from .. import metrics, models
+from .checkpoint import TRAINING_STATE_KEY, atomic_torch_save, load_training_state, restore_rng_states, rng_states
+from .config import Config, ConfigError, dump_config
+from .ema import ModelEMA
+from .objective import ADAPTED_METHODS, DistillationObjective, mask_enabled
+from .run_log import RunLog
+
+CHECKPOINT_NAME = "last.pt"
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_process_group(device_setting: str) -> Tuple[ProcessGroup, torch.device]:
+    """Join the torchrun job described by the environment (if any) and pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    group = ProcessGroup(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if device_setting == "auto":
+        device_setting = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_setting)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", group.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if group.distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return group, device
+
+
+def resolve_data_dirs(config: Config) -> Tuple[str, str]:
+    """(train HR folder, validation folder), writing the built-in photos when a folder is "builtin"."""
+    data_config = config["data"]
+    train_dir, val_dir = data_config["train_hr_dir"], data_config["val_hr_dir"]
+    if "builtin" in (train_dir, val_dir):
+        builtin_train, builtin_val = sr_data.write_builtin_photos(data_config["builtin_root"])
+        train_dir = str(builtin_train) if train_dir == "builtin" else train_dir
+        val_dir = str(builtin_val) if val_dir == "builtin" else val_dir
+    return train_dir, val_dir
+
+
+def _check_folder(name: str, path: str) -> None:
+    if not path:
+        raise ConfigError(f"{name} is not set: give a folder of images or \"builtin\"")
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{name}: folder {path!r} does not exist")
+
+
+class StudentWithAdapters(nn.Module):
+    """The trained network plus, for the adapted methods, its DR adapters: what DDP wraps and the optimiser updates.
+
+    forward(lr (B, 3, h, w)) -> (sr, features): features are the tap features
+    (through DR when there are adapters), or None when no feature term is trained.
+    """
+
+    def __init__(self, network: nn.Module, adapters: Optional[nn.Module], with_features: bool) -> None:
+        super().__init__()
+        self.network = network
+        self.adapters = adapters
+        self.with_features = with_features
+
+    def forward(self, lr: Tensor) -> Tuple[Tensor, Optional[List[Tensor]]]:
+        if not self.with_features:
+            return self.network(lr), None
+        sr, features = self.network(lr, return_features=True)
+        if self.adapters is not None:
+            features = self.adapters(features)
+        return sr, features
+
+
+def _set_determinism(config: Config) -> None:
+    if config["run"]["threads"] > 0:
+        torch.set_num_threads(config["run"]["threads"])
+    if config["run"]["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _autocast(device: torch.device, amp: str):
+    enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _model_meta(model: nn.Module) -> Dict[str, Any]:
+    return {"arch": model.arch, "config": model.config(), "scale": model.scale}
+
+
+def model_file_dict(weights: Dict[str, Tensor], meta: Dict[str, Any]) -> Dict[str, Any]:
+    """The in-memory form of an exported model file: BasicSR ``params`` plus our architecture record."""
+    return {"params": weights, "facd_fast": meta}
+
+
+class Trainer:
+    """Builds models, data, optimiser and logs from a config, then :meth:`fit` runs the loop.
+
+    Args:
+        config: a full config (see :mod:`facd_fast.train.config`).
+        mode: "teacher" (train ``model.teacher`` alone) or "distill"
+            (train ``model.student`` with ``distill.method``).
+        resume: continue from ``out_dir/checkpoints/last.pt`` when it exists.
+    """
+
+    def __init__(self, config: Config, *, mode: str, resume: bool = False) -> None:
+        if mode not in ("teacher", "distill"):
+            raise ValueError(f"mode must be 'teacher' or 'distill', got {mode!r}")
+        self.config = config
+        self.mode = mode
+        run, model_config, train = config["run"], config["model"], config["train"]
+        self.method = "none" if mode == "teacher" else config["distill"]["method"]
+        self.stage = "teacher" if mode == "teacher" else self.method
+        self.out_dir = Path(run["out_dir"]) / self.stage
+        self.checkpoint_path = self.out_dir / "checkpoints" / CHECKPOINT_NAME
+
+        _set_determinism(config)
+        self.group, self.device = init_process_group(run["device"])
+        self.train_dir, self.val_dir = resolve_data_dirs(config)
+        _check_folder("data.train_hr_dir", self.train_dir)
+        if self.val_dir:
+            _check_folder("data.val_hr_dir", self.val_dir)
+        _seed_everything(run["seed"])
+
+        scale = model_config["scale"]
+        self.network = models.build(model_config["teacher" if mode == "teacher" else "student"], scale)
+        self.teacher = self._load_teacher() if self.method != "none" else None
+        adapters = None
+        if self.method in ADAPTED_METHODS:
+            adapters = models.DRAdapters(self.network.num_feat, self.teacher.num_feat, num_taps=len(self.network.taps))
+        self.objective = self._build_objective()
+        self.trained = StudentWithAdapters(self.network, adapters, with_features=self.method != "none").to(self.device)
+        if train["channels_last"]:
+            self.trained.to(memory_format=torch.channels_last)
+        self.ema = ModelEMA(self.network, train["ema_decay"]) if train["ema_decay"] > 0 else None
+
+        self.optimizer = torch.optim.Adam(
+            self.trained.parameters(), lr=train["lr"], betas=tuple(train["betas"]), weight_decay=train["weight_decay"]
+        )
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=train["lr_step"], gamma=train["lr_gamma"])
+
+        self.step = 0
+        self.epoch = 0
+        self.batches_done_in_epoch = 0
+        self.elapsed_s = 0.0
+        self.last_val_psnr = float("nan")
+        if resume and self.checkpoint_path.is_file():
+            self._load_state(load_training_state(self.checkpoint_path))
+        # Each rank draws different crops and flips (after a resume, the restored states differ already).
+        elif self.group.distributed:
+            _seed_everything(run["seed"] + self.group.rank)
+
+        self.dataset = sr_data.PairedFolderDataset(
+            self.train_dir, scale, config["data"]["patch_size"],
+            lr_dir=config["data"]["train_lr_dir"] or None, cache_dir=config["data"]["cache_dir"] or None,
+            augment=config["data"]["augment"], repeat=config["data"]["repeat"],
+        )
+        per_step = train["batch_size"] * self.group.world_size
+        if len(self.dataset) < per_step:
+            raise ConfigError(
+                f"the training set has {len(self.dataset)} patches per epoch, fewer than one step needs "
+                f"(train.batch_size x world size = {per_step}); raise data.repeat"
+            )
+        self.sampler = DistributedSampler(
+            self.dataset, num_replicas=self.group.world_size, rank=self.group.rank, shuffle=True,
+            seed=run["seed"], drop_last=True,
+        )
+        self.val_set = (
+            sr_data.BenchmarkFolder(self.val_dir, scale, lr_dir=config["data"]["val_lr_dir"] or None)
+            if self.val_dir else None
+        )
+
+        self.model = self.trained
+        if self.group.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.trained, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if train["compile"]:
+            self.model = torch.compile(self.model)
+            if self.teacher is not None:
+                self.teacher = torch.compile(self.teacher)
+        self.log = RunLog(self.out_dir, enabled=self.group.is_main, tensorboard=train["tensorboard"])
+
+    def _load_teacher(self) -> nn.Module:
+        model_config = self.config["model"]
+        path = model_config["teacher_checkpoint"]
+        if not path:
+            raise ConfigError(f"model.teacher_checkpoint is required to distil (method {self.method!r})")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model.teacher_checkpoint: file {path!r} does not exist")
+        teacher = models.model_from_checkpoint(path, preset=model_config["teacher"], scale=model_config["scale"])
+        if teacher.scale != model_config["scale"]:
+            raise ConfigError(f"the teacher in {path!r} is a x{teacher.scale} model, model.scale is {model_config['scale']}")
+        teacher = teacher.to(self.device).eval().requires_grad_(False)
+        if self.config["train"]["channels_last"]:
+            teacher.to(memory_format=torch.channels_last)
+        return teacher
+
+    def _build_objective(self) -> DistillationObjective:
+        distill = self.config["distill"]
+        tap_weights = distill["tap_weights"]
+        if self.method != "none" and len(tap_weights) != len(self.network.taps):
+            raise ConfigError(
+                f"distill.tap_weights has {len(tap_weights)} weights, the student has {len(self.network.taps)} taps"
+            )
+        if self.method != "none" and len(self.teacher.taps) != len(self.network.taps):
+            raise ConfigError(f"student and teacher must have as many taps, got {len(self.network.taps)} and {len(self.teacher.taps)}")
+        return DistillationObjective(
+            self.method, alpha=distill["alpha"], feature_weight=distill["lambda"], tap_weights=tap_weights,
+            use_mask=mask_enabled(self.method, distill["use_mask"]), margin_db=distill["margin_db"],
+            distance=distill["distance"], normalize=distill["normalize"], backend=distill["backend"],
+        )
+
+    # --- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            TRAINING_STATE_KEY: True,
+            "mode": self.mode,
+            "method": self.method,
+            "config": self.config,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_done_in_epoch": self.batches_done_in_epoch,
+            "elapsed_s": self.elapsed_s,
+            "last_val_psnr": self.last_val_psnr,
+            "model_meta": _model_meta(self.network),
+            "model": self.network.state_dict(),
+            "adapters": None if self.trained.adapters is None else self.trained.adapters.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "rng": rng_states(),
+        }
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        if state["mode"] != self.mode or state["method"] != self.method:
+            raise ConfigError(
+                f"{self.checkpoint_path} was written by a {state['mode']}/{state['method']} run, "
+                f"this is a {self.mode}/{self.method} run; use another run.out_dir"
+            )
+        self.network.load_state_dict(state["model"])
+        if self.trained.adapters is not None:
+            self.trained.adapters.load_state_dict(state["adapters"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ConfigError(f"{self.checkpoint_path} holds no EMA weights but train.ema_decay > 0")
+            self.ema.load_state_dict(state["ema"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batches_done_in_epoch = state["batches_done_in_epoch"]
+        self.elapsed_s, self.last_val_psnr = state["elapsed_s"], state["last_val_psnr"]
+        restore_rng_states(state["rng"])
+
+    def save_checkpoint(self) -> None:
+        if self.group.is_main:
+            atomic_torch_save(self.state_dict(), self.checkpoint_path)
+
+    @property
+    def eval_network(self) -> nn.Module:
+        """The weights to validate and export: the EMA when there is one."""
+        return self.ema.shadow if self.ema is not None else self.network
+
+    # --- data ------------------------------------------------------------------------------------
+    def _epoch_batches(self):
+        """Batches of the current epoch from where the last run stopped: the order depends only on (seed, epoch)."""
+        self.sampler.set_epoch(self.epoch)
+        indices = list(self.sampler)[self.batches_done_in_epoch * self.config["train"]["batch_size"]:]
+        loader = DataLoader(
+            self.dataset, batch_size=self.config["train"]["batch_size"], sampler=indices, drop_last=True,
+            num_workers=self.config["data"]["num_workers"], pin_memory=self.device.type == "cuda",
+            worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(self.config["run"]["seed"] * 100003 + self.epoch),
+        )
+        return iter(loader)
+
+    def _batches(self):
+        while True:
+            for batch in self._epoch_batches():
+                yield batch
+            self.epoch += 1
+            self.batches_done_in_epoch = 0
+
+    # --- loop ------------------------------------------------------------------------------------
+    def train_step(self, lr: Tensor, hr: Tensor) -> Dict[str, Tensor]:
+        train = self.config["train"]
+        self.model.train()
+        with _autocast(self.device, train["amp"]):
+            sr, features = self.model(lr)
+            sr_teacher = teacher_features = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    sr_teacher, teacher_features = self.teacher(lr, return_features=True)
+            loss, terms = self.objective(sr, features, sr_teacher, teacher_features, hr)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.network)
+        return terms
+
+    def fit(self) -> Dict[str, Any]:
+        """Train to ``train.iterations``; returns the run's summary (also the last log record)."""
+        from tqdm.auto import tqdm
+
+        train = self.config["train"]
+        total = train["iterations"]
+        if self.group.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.toml").write_text(dump_config(self.config))
+            self.log.truncate_after(self.step)
+        bar = tqdm(
+            total=total, initial=self.step, desc=self.stage, unit="it",
+            disable=not (self.group.is_main and train["progress"]), dynamic_ncols=True,
+        )
+        batches = self._batches()
+        window_start, window_steps = time.perf_counter(), 0
+        shown: Dict[str, float] = {}
+        while self.step < total:
+            started = time.perf_counter()
+            lr, hr = next(batches)
+            terms = self.train_step(
+                _to_device(lr, self.device, train["channels_last"]), _to_device(hr, self.device, train["channels_last"])
+            )
+            self.step += 1
+            self.batches_done_in_epoch += 1
+            self.elapsed_s += time.perf_counter() - started
+            window_steps += 1
+            bar.update(1)
+            if self.step % train["log_every"] == 0 or self.step == total:
+                values = {name: float(value) for name, value in terms.items()}
+                values["lr"] = self.scheduler.get_last_lr()[0]
+                values["it_s"] = window_steps / max(time.perf_counter() - window_start, 1e-9)
+                values["elapsed_s"] = self.elapsed_s
+                self.log.write("train", self.step, values)
+                window_start, window_steps = time.perf_counter(), 0
+                shown = values
+            if self.val_set is not None and (self.step % train["val_every"] == 0 or self.step == total):
+                self.validate()
+            if shown:
+                bar.set_postfix(self._postfix(shown), refresh=False)
+            if self.step % train["checkpoint_every"] == 0 or self.step == total:
+                self.save_checkpoint()
+        bar.close()
+        return self._finish()
+
+    def _postfix(self, values: Dict[str, float]) -> Dict[str, str]:
+        shown = {"loss": f"{values['loss']:.4f}"}
+        for name in ("l1_hr", "l1_teacher", "feature"):
+            if name in values:
+                shown[name] = f"{values[name]:.4f}"
+        if "distilled_fraction" in values:
+            shown["distilled"] = f"{values['distilled_fraction']:.2f}"
+        shown["val_psnr"] = f"{self.last_val_psnr:.2f}"
+        return shown
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean Y-PSNR of the eval network on the validation images (rank 0; other ranks keep the last value)."""
+        if not self.group.is_main:
+            return self.last_val_psnr
+        data_config = self.config["data"]
+        scale = self.config["model"]["scale"]
+        network = self.eval_network
+        was_training = network.training
+        network.eval()
+        psnrs = []
+        for index, (_, lr, hr) in enumerate(self.val_set):
+            if data_config["val_max_images"] and index >= data_config["val_max_images"]:
+                break
+            lr, hr = center_crop_pair(lr, hr, scale, data_config["val_crop"])
+            with _autocast(self.device, self.config["train"]["amp"]):
+                sr = network(lr[None].to(self.device))
+            psnrs.append(metrics.psnr_y_torch(sr.float().cpu(), hr[None], crop_border=scale))
+        network.train(was_training)
+        self.last_val_psnr = float(torch.cat(psnrs).mean())
+        self.log.write("val", self.step, {"val_psnr_y": self.last_val_psnr})
+        return self.last_val_psnr
+
+    def _finish(self) -> Dict[str, Any]:
+        summary: Dict[str, Any] = {
+            "mode": self.mode, "method": self.method, "steps": self.step, "elapsed_s": self.elapsed_s,
+            "val_psnr_y": self.last_val_psnr, "world_size": self.group.world_size,
+        }
+        if self.group.distributed:
+            summary["replica_max_abs_diff"] = replica_max_abs_diff(self.trained)
+        if self.group.is_main:
+            export_path = self.out_dir / f"{self.stage}.pth"
+            models.save_checkpoint_basicsr(self.eval_network, export_path)
+            summary["export"] = str(export_path)
+            if self.config["train"]["plots"]:
+                from .plots import plot_run
+
+                summary["plots"] = [str(p) for p in plot_run(self)]
+            self.log.write("end", self.step, summary)
+        self.log.close()
+        return summary
+
+
+def center_crop_pair(lr: Tensor, hr: Tensor, scale: int, hr_size: int) -> Tuple[Tensor, Tensor]:
+    """The centre crop of at most ``hr_size`` HR pixels a side (0: no crop), LR cropped to match."""
+    if hr_size <= 0:
+        return lr, hr
+    lr_size = hr_size // scale
+    top, left = max(0, (lr.shape[-2] - lr_size) // 2), max(0, (lr.shape[-1] - lr_size) // 2)
+    lr = lr[..., top:top + lr_size, left:left + lr_size]
+    return lr, hr[..., top * scale:(top + lr.shape[-2]) * scale, left * scale:(left + lr.shape[-1]) * scale]
+
+
+def replica_max_abs_diff(module: nn.Module) -> float:
+    """Largest |w_rank - w_rank0| over all weights and ranks: 0 when the data-parallel replicas agree."""
+    largest = torch.zeros((), dtype=torch.float64)
+    for tensor in module.state_dict().values():
+        reference = tensor.detach().clone()
+        dist.broadcast(reference, src=0)
+        if tensor.is_floating_point():
+            largest = torch.maximum(largest, (tensor.detach() - reference).abs().max().double().cpu())
+    largest = largest.to(next(module.parameters()).device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return float(largest)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
