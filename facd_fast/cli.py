@@ -1,0 +1,146 @@
+"""The ``facd`` command (also ``python -m facd_fast``).
+
+    facd train-teacher CONFIG [--set section.key=value ...] [--resume]
+    facd distill CONFIG --method {none,fd-l1,fd-l2,fakd,facd,facd-nomask} [--set ...] [--resume]
+    facd eval CHECKPOINT --hr-dir DIR --scale S [--lr-dir DIR] [--model PRESET] [--json]
+    facd export CHECKPOINT OUT [--ema]
+    facd bench [--out DIR] [--shapes small|paper|all] [--steps N]
+    facd demo [--out DIR] [--budget-s SECONDS]
+
+Errors in what the user gave (a missing file, an unknown config key, weights
+that do not fit the architecture) print one ``facd: error: ...`` line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from .train.config import METHODS, ConfigError, load_config
+
+USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, ValueError, TypeError)
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="TOML config file (see configs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set train.batch_size=8 (repeatable)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/last.pt if it exists")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facd", description="Feature-domain adaptive contrastive distillation for super-resolution.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    teacher = commands.add_parser("train-teacher", help="train the teacher network (model.teacher) on L1 to HR")
+    _add_config_arguments(teacher)
+
+    distill = commands.add_parser("distill", help="distil a student (model.student) from a frozen teacher")
+    _add_config_arguments(distill)
+    distill.add_argument("--method", choices=METHODS, help="overrides distill.method of the config")
+
+    evaluate = commands.add_parser("eval", help="Y-PSNR/SSIM of a checkpoint on a benchmark folder")
+    evaluate.add_argument("checkpoint", help="exported model, trainer checkpoint or foreign BasicSR/EDSR/RCAN file")
+    evaluate.add_argument("--hr-dir", required=True, help="HR images (plain folder or Set5-style root)")
+    evaluate.add_argument("--lr-dir", help="LR images; default: made from HR with MATLAB-compatible bicubic")
+    evaluate.add_argument("--scale", required=True, type=int)
+    evaluate.add_argument("--model", metavar="PRESET", help="architecture preset, when the file does not record it")
+    evaluate.add_argument("--ema", action="store_true", help="evaluate a trainer checkpoint's EMA weights")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    export = commands.add_parser("export", help="write the trained network (without DR) as a BasicSR-format file")
+    export.add_argument("checkpoint", help="trainer checkpoint (or any model file)")
+    export.add_argument("out", help="output .pth path")
+    export.add_argument("--ema", action="store_true", help="export the EMA weights")
+
+    bench = commands.add_parser("bench", help="kernel benchmarks and the training-step benchmark")
+    bench.add_argument("--out", default="bench/results", help="results folder (CSV files)")
+    bench.add_argument("--shapes", choices=("small", "paper", "all"), default=None,
+                       help="training-step shapes; default: small on CPU, all on CUDA")
+    bench.add_argument("--steps", type=int, default=None, help="timed steps per case (default 3 on CPU, 20 on CUDA)")
+
+    demo = commands.add_parser("demo", help="teacher, three students, table and plots on the built-in photos")
+    demo.add_argument("--out", default="runs/demo", help="run folder")
+    demo.add_argument("--config", default=None, help="demo config (default: configs/demo.toml)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    return parser
+
+
+def _run_training(args, mode: str) -> int:
+    from .train.trainer import Trainer
+
+    overrides = list(args.overrides)
+    if mode == "distill" and args.method:
+        overrides.append(f"distill.method={args.method}")
+    config = load_config(args.config, overrides)
+    summary = Trainer(config, mode=mode, resume=args.resume).fit()
+    if summary.get("export"):
+        print(f"wrote {summary['export']} ({summary['steps']} steps, {summary['elapsed_s']:.0f} s, "
+              f"val Y-PSNR {summary['val_psnr_y']:.2f} dB)")
+    return 0
+
+
+def _run_eval(args) -> int:
+    from .train.evaluate import evaluate, load_model, open_benchmark
+
+    folder = open_benchmark(args.hr_dir, args.scale, args.lr_dir)
+    network = load_model(args.checkpoint, preset=args.model, scale=args.scale, ema=args.ema)
+    if network.scale != args.scale:
+        raise ValueError(f"--scale {args.scale} but {args.checkpoint} holds a x{network.scale} model")
+    result = evaluate(network, folder, args.scale, device=args.device, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    width = max(len(image["name"]) for image in result["images"])
+    for image in result["images"]:
+        print(f"{image['name']:<{width}}  {image['psnr_y']:7.3f} dB  SSIM {image['ssim_y']:.4f}")
+    print(f"{'mean':<{width}}  {result['mean_psnr_y']:7.3f} dB  SSIM {result['mean_ssim_y']:.4f}")
+    return 0
+
+
+def _run_export(args) -> int:
+    from .models import save_checkpoint_basicsr
+    from .train.evaluate import load_model
+
+    path = save_checkpoint_basicsr(load_model(args.checkpoint, ema=args.ema), args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _run_bench(args) -> int:
+    from .train.step_bench import run_step_benchmark
+
+    run_step_benchmark(out_dir=args.out, shapes=args.shapes, steps=args.steps)
+    return 0
+
+
+def _run_demo(args) -> int:
+    from .train.demo import run_demo
+
+    run_demo(out_dir=args.out, config_path=args.config, overrides=args.overrides)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {
+        "train-teacher": lambda: _run_training(args, "teacher"),
+        "distill": lambda: _run_training(args, "distill"),
+        "eval": lambda: _run_eval(args),
+        "export": lambda: _run_export(args),
+        "bench": lambda: _run_bench(args),
+        "demo": lambda: _run_demo(args),
+    }
+    try:
+        return handlers[args.command]()
+    except USER_ERRORS as error:
+        print(f"facd: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
