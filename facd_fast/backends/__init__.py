@@ -88,7 +88,16 @@ register_backend(
 )
 
 
+_fused_modules_imported = False
+
+
 def _import_fused_modules() -> None:
+    # Once: the API calls this on every call, also under torch.compile, where
+    # Dynamo cannot trace importlib (a flag check it can).
+    global _fused_modules_imported
+    if _fused_modules_imported:
+        return
+    _fused_modules_imported = True
     for module in _FUSED_MODULES:
         try:
             importlib.import_module(module)
@@ -164,3 +173,8 @@ def resolve(backend: str, device: torch.device) -> Tuple[str, BackendOps]:
                 _warned_fallback.add(candidate.name)
                 warnings.warn(f"{error}; falling back to a slower backend", RuntimeWarning, stacklevel=3)
     raise AssertionError("the reference backend serves every device")  # unreachable
+
+
+# Registered at import (cheap: a fused backend loads its kernels on first use),
+# so that even a first call under torch.compile finds every backend.
+_import_fused_modules()
