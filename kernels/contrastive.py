@@ -42,8 +42,10 @@ from .utils import element_offsets, on_device, split_elements, target_programs, 
 _PAIR_TILE_ELEMENTS = 8192
 #: Largest anchor and other-row blocks.
 _MAX_ROW_BLOCK = 16
-_MAX_ELEMENT_BLOCK = 256
-_POSITION_BLOCK = 128
+_MAX_ELEMENT_BLOCK = 512
+#: Elements of the (BLOCK_C, BLOCK_P) tile of the kernels that reduce over channels.
+_CHANNEL_TILE_ELEMENTS = 2048
+_MAX_CHANNEL_BLOCK = 32
 
 
 @triton.jit
@@ -80,21 +82,23 @@ def _channel_inverse_norms_kernel(
     x_ptr, inv_norm_ptr,
     stride_outer, stride_inner, stride_c, stride_h, stride_w,
     n_inner, n_channels, width, n_positions, eps_norm,
-    COMPUTE_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """inv_norm[row, p] = 1 / max(||x[row, :, p]||_2, eps_norm) for rows of an (outer, inner, C, H, W) tensor."""
     pid_p = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1).to(tl.int64)
     positions = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask = positions < n_positions
+    position_mask = positions < n_positions
     spatial = (positions // width) * stride_h + (positions % width) * stride_w
     row_ptr = x_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
     sum_sq = tl.zeros([BLOCK_P], dtype=COMPUTE_DTYPE)
-    for channel in range(n_channels):
-        x = tl.load(row_ptr + channel * stride_c + spatial, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        sum_sq += x * x
+    for first_channel in range(0, n_channels, BLOCK_C):
+        channels = first_channel + tl.arange(0, BLOCK_C)
+        mask = (channels < n_channels)[:, None] & position_mask[None, :]
+        x = tl.load(row_ptr + channels[:, None] * stride_c + spatial[None, :], mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        sum_sq += tl.sum(x * x, axis=0)
     inv_norm = 1.0 / tl.maximum(tl.sqrt(sum_sq), eps_norm)
-    tl.store(inv_norm_ptr + row * n_positions + positions, inv_norm, mask=mask)
+    tl.store(inv_norm_ptr + row * n_positions + positions, inv_norm, mask=position_mask)
 
 
 @triton.jit
@@ -254,7 +258,7 @@ def _channel_normalize_backward_kernel(
     grad_hat_stride_outer, grad_hat_stride_inner, grad_hat_stride_c, grad_hat_stride_h, grad_hat_stride_w,
     grad_stride_outer, grad_stride_inner, grad_stride_c, grad_stride_h, grad_stride_w,
     n_inner, n_channels, width, n_positions, eps_norm,
-    COMPUTE_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """grad = (grad_hat - x_hat <x_hat, grad_hat>) / ||x|| where ||x|| > eps_norm, else grad_hat / eps_norm.
 
@@ -266,7 +270,7 @@ def _channel_normalize_backward_kernel(
     outer = row // n_inner
     inner = row % n_inner
     positions = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask = positions < n_positions
+    position_mask = positions < n_positions
     h = positions // width
     w = positions % width
     x_row = x_ptr + outer * x_stride_outer + inner * x_stride_inner + h * x_stride_h + w * x_stride_w
@@ -278,20 +282,28 @@ def _channel_normalize_backward_kernel(
 
     sum_sq = tl.zeros([BLOCK_P], dtype=COMPUTE_DTYPE)
     dot = tl.zeros([BLOCK_P], dtype=COMPUTE_DTYPE)
-    for channel in range(n_channels):
-        x = tl.load(x_row + channel * x_stride_c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        grad_hat = tl.load(grad_hat_row + channel * grad_hat_stride_c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        sum_sq += x * x
-        dot += x * grad_hat
+    for first_channel in range(0, n_channels, BLOCK_C):
+        channels = first_channel + tl.arange(0, BLOCK_C)
+        mask = (channels < n_channels)[:, None] & position_mask[None, :]
+        x = tl.load(x_row[None, :] + channels[:, None] * x_stride_c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        grad_hat = tl.load(
+            grad_hat_row[None, :] + channels[:, None] * grad_hat_stride_c, mask=mask, other=0.0
+        ).to(COMPUTE_DTYPE)
+        sum_sq += tl.sum(x * x, axis=0)
+        dot += tl.sum(x * grad_hat, axis=0)
     norm = tl.sqrt(sum_sq)
     inv_norm = 1.0 / tl.maximum(norm, eps_norm)
     # <x_hat, grad_hat> / ||x|| times x_hat = x * dot / ||x||^3; below the floor phi is x / eps_norm, linear.
     projection = tl.where(norm > eps_norm, dot * inv_norm * inv_norm * inv_norm, 0.0)
-    for channel in range(n_channels):
-        x = tl.load(x_row + channel * x_stride_c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        grad_hat = tl.load(grad_hat_row + channel * grad_hat_stride_c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        grad = grad_hat * inv_norm - x * projection
-        tl.store(grad_row + channel * grad_stride_c, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    for first_channel in range(0, n_channels, BLOCK_C):
+        channels = first_channel + tl.arange(0, BLOCK_C)
+        mask = (channels < n_channels)[:, None] & position_mask[None, :]
+        x = tl.load(x_row[None, :] + channels[:, None] * x_stride_c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        grad_hat = tl.load(
+            grad_hat_row[None, :] + channels[:, None] * grad_hat_stride_c, mask=mask, other=0.0
+        ).to(COMPUTE_DTYPE)
+        grad = grad_hat * inv_norm[None, :] - x * projection[None, :]
+        tl.store(grad_row[None, :] + channels[:, None] * grad_stride_c, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # --- host launchers ------------------------------------------------------------------------------
@@ -330,6 +342,13 @@ def _pair_blocks(n_anchor_rows: int, n_others: int, shared_others: bool, dtype: 
     return dict(BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_E=block_e)
 
 
+def _channel_blocks(n_channels: int, n_positions: int) -> dict:
+    """Block sizes of a (channels, positions) tile: all channels up to a cap, positions to fill the tile."""
+    block_c = min(triton.next_power_of_2(n_channels), _MAX_CHANNEL_BLOCK)
+    block_p = min(triton.next_power_of_2(n_positions), _CHANNEL_TILE_ELEMENTS // block_c)
+    return dict(BLOCK_C=block_c, BLOCK_P=block_p)
+
+
 def channel_inverse_norms(x: Tensor) -> Tensor:
     """1 / max(||v||_2, EPS_NORM) of every position's C-vector v.
 
@@ -340,11 +359,12 @@ def channel_inverse_norms(x: Tensor) -> Tensor:
     outer, inner, channels, height, width = rows.shape
     n_positions = height * width
     inv_norm = torch.empty((outer, inner, n_positions), dtype=compute_dtype(x.dtype), device=x.device)
-    grid = (triton.cdiv(n_positions, _POSITION_BLOCK), outer * inner)
+    blocks = _channel_blocks(channels, n_positions)
+    grid = (triton.cdiv(n_positions, blocks["BLOCK_P"]), outer * inner)
     with on_device(x):
         _channel_inverse_norms_kernel[grid](
             rows, inv_norm, *rows.stride(), inner, channels, width, n_positions, EPS_NORM,
-            COMPUTE_DTYPE=tl_compute_dtype(x.dtype), BLOCK_P=_POSITION_BLOCK,
+            COMPUTE_DTYPE=tl_compute_dtype(x.dtype), **blocks,
         )
     return inv_norm if x.dim() == 5 else inv_norm.squeeze(1)
 
@@ -448,10 +468,13 @@ def _anchor_gradient(
             HAS_POSITIVE=has_positive, **_flags(anchor, distance, normalize), **blocks,
         )
         if normalized:
-            _channel_normalize_backward_kernel[(triton.cdiv(n_positions, _POSITION_BLOCK), n_rows_outer * per_batch)](
+            channel_blocks = _channel_blocks(channels, n_positions)
+            _channel_normalize_backward_kernel[
+                (triton.cdiv(n_positions, channel_blocks["BLOCK_P"]), n_rows_outer * per_batch)
+            ](
                 anchor, grad_hat, grad, *anchor.stride(), *grad_hat.stride(), *grad.stride(),
                 per_batch, channels, width, n_positions, EPS_NORM,
-                COMPUTE_DTYPE=tl_compute_dtype(anchor.dtype), BLOCK_P=_POSITION_BLOCK,
+                COMPUTE_DTYPE=tl_compute_dtype(anchor.dtype), **channel_blocks,
             )
     return grad
 
