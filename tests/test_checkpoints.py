@@ -99,8 +99,10 @@ def test_basicsr_file_prefers_params_ema_and_strips_module_prefix(tmp_path):
     target = _small_edsr(4, seed=4)
     load_pretrained(target, tmp_path / "net_g.pth")
     _same_outputs(averaged, target)
-    load_pretrained(target, {"params": trained.state_dict()})
+    load_pretrained(target, tmp_path / "net_g.pth", param_key="params")
     _same_outputs(trained, target)
+    with pytest.raises(ValueError, match="no entry 'net_g'"):
+        load_pretrained(target, tmp_path / "net_g.pth", param_key="net_g")
 
 
 def test_export_then_import_round_trips(tmp_path):
@@ -202,3 +204,10 @@ def test_wrapped_models_save_and_load_as_the_bare_network(tmp_path):
     target = _small_edsr(2, seed=8)
     load_pretrained(torch.nn.DataParallel(target), compiled.state_dict())
     _same_outputs(source, target)
+
+
+def test_inference_needs_the_defining_keys():
+    state = _small_edsr(2).state_dict()
+    del state["conv_last.weight"]
+    with pytest.raises(ValueError, match=r"cannot infer the architecture: the checkpoint lacks \['conv_last.weight'\]"):
+        model_from_checkpoint(state)

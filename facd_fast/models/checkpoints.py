@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .network import DIV2K_RGB_MEAN
 from .presets import ARCHS, PRESETS, build, from_config
 
 METADATA_KEY = "facd_fast"
@@ -82,14 +83,21 @@ def _bare_network(model: nn.Module) -> nn.Module:
     return model
 
 
-def _unwrap(checkpoint: Mapping) -> tuple[dict[str, Tensor], dict | None]:
-    """The tensors of a checkpoint (``params_ema`` preferred, ``module.`` stripped) and our metadata."""
+def _unwrap(checkpoint: Mapping, param_key: str | None = None) -> tuple[dict[str, Tensor], dict | None]:
+    """The tensors of a checkpoint and our metadata.
+
+    The tensors are the entry ``param_key``, or by default the first of
+    params_ema, params, state_dict, model present, or the top level;
+    wrapper prefixes are stripped.
+    """
     metadata = checkpoint.get(METADATA_KEY)
-    state = checkpoint
-    for key in _WRAPPER_KEYS:
-        if isinstance(checkpoint.get(key), Mapping):
-            state = checkpoint[key]
-            break
+    if param_key is not None:
+        if not isinstance(checkpoint.get(param_key), Mapping):
+            raise ValueError(f"checkpoint has no entry {param_key!r}; top-level keys: {sorted(map(str, checkpoint))[:10]}")
+        state = checkpoint[param_key]
+    else:
+        state = next((checkpoint[key] for key in _WRAPPER_KEYS if isinstance(checkpoint.get(key), Mapping)),
+                     checkpoint)
     tensors = {_strip_wrapper_prefixes(key): value for key, value in state.items() if isinstance(value, Tensor)}
     if not tensors:
         raise ValueError(f"checkpoint holds no tensors (top-level keys: {sorted(map(str, checkpoint))[:10]})")
@@ -126,7 +134,6 @@ def to_basicsr_keys(state_dict: Mapping[str, Tensor], *, rgb_mean=None, img_rang
     layout = detect_layout(state_dict)
     if layout == "basicsr":
         return dict(state_dict)
-    from .network import DIV2K_RGB_MEAN
     _check_mean_shift(state_dict, DIV2K_RGB_MEAN if rgb_mean is None else rgb_mean, img_range)
     rules = _RCAN_TO_BASICSR if layout == "rcan-official" else _EDSR_PYTORCH_TO_BASICSR
     converted = {}
@@ -156,15 +163,17 @@ def _mismatch_message(model: nn.Module, state: Mapping[str, Tensor]) -> str:
     return "; ".join(parts)
 
 
-def load_pretrained(model: nn.Module, path_or_state_dict, strict: bool = True) -> dict[str, list[str]]:
+def load_pretrained(model: nn.Module, path_or_state_dict, strict: bool = True,
+                    param_key: str | None = None) -> dict[str, list[str]]:
     """Load a checkpoint in any known layout into ``model``.
 
-    strict=True: any missing, unexpected or mis-shaped key raises ValueError
+    ``param_key`` picks an entry of a wrapped file (e.g. "params" where the
+    default would take "params_ema"). strict=True: any missing, unexpected or mis-shaped key raises ValueError
     listing them all. strict=False: loads the keys that fit and returns
     ``{"missing": [...], "unexpected": [...]}``.
     """
     model = _bare_network(model)
-    tensors, _ = _unwrap(_read(path_or_state_dict))
+    tensors, _ = _unwrap(_read(path_or_state_dict), param_key)
     state = to_basicsr_keys(tensors, rgb_mean=getattr(model, "rgb_mean", None),
                             img_range=getattr(model, "img_range", 255.0))
     message = _mismatch_message(model, state)
@@ -205,6 +214,12 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
     same shape when there is one (0.1 for the EDSR teacher), else 1.
     """
     keys = list(state_dict)
+    is_rcan = any(".residual_group." in key for key in keys)
+    needed = ["conv_first.weight", "conv_last.weight"]
+    needed += ["body.0.residual_group.0.rcab.3.attention.1.weight"] if is_rcan else []
+    absent = [key for key in needed if key not in state_dict]
+    if absent:
+        raise ValueError(f"cannot infer the architecture: the checkpoint lacks {absent}")
     num_feat, num_in_ch = state_dict["conv_first.weight"].shape[:2]
     upsample_convs = sorted(_indices(keys, r"upsample\.(\d+)\.weight"))
     if not upsample_convs:
@@ -213,7 +228,7 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
     scale = 3 if growth == 9 else 2 ** len(upsample_convs)
     config = {"scale": scale, "num_feat": int(num_feat), "num_in_ch": int(num_in_ch),
               "num_out_ch": int(state_dict["conv_last.weight"].shape[0])}
-    if any(".residual_group." in key for key in keys):
+    if is_rcan:
         squeezed = state_dict["body.0.residual_group.0.rcab.3.attention.1.weight"].shape[0]
         config.update(arch="rcan", num_group=len(_indices(keys, r"body\.(\d+)\.conv\.weight")),
                       num_block=len(_indices(keys, r"body\.0\.residual_group\.(\d+)\.rcab\.0\.weight")),
@@ -230,7 +245,8 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
     return config
 
 
-def model_from_checkpoint(path_or_state_dict, preset: str | None = None, scale: int | None = None) -> nn.Module:
+def model_from_checkpoint(path_or_state_dict, preset: str | None = None, scale: int | None = None,
+                          param_key: str | None = None) -> nn.Module:
     """Build the network a checkpoint holds and load it.
 
     The architecture comes from our metadata when present, else from ``preset``
@@ -238,7 +254,7 @@ def model_from_checkpoint(path_or_state_dict, preset: str | None = None, scale: 
     from the key names and tensor shapes.
     """
     checkpoint = _read(path_or_state_dict)
-    tensors, metadata = _unwrap(checkpoint)
+    tensors, metadata = _unwrap(checkpoint, param_key)
     if preset is not None:
         state = to_basicsr_keys(tensors)
         model = build(preset, scale if scale is not None else infer_config(state)["scale"])
