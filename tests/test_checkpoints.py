@@ -142,6 +142,11 @@ def test_preset_argument_builds_that_preset(tmp_path):
     _same_outputs(source, rebuilt)
     with pytest.raises(ValueError, match="does not fit"):
         model_from_checkpoint({"params": source.state_dict()}, preset="edsr-demo-student", scale=4)
+    path = save_checkpoint_basicsr(source, tmp_path / "demo.pth")
+    assert model_from_checkpoint(path, preset="edsr-demo-student", scale=2).config() == source.config()
+    wide = save_checkpoint_basicsr(build("edsr-demo-student", 2, res_scale=0.5), tmp_path / "wide.pth")
+    with pytest.raises(ValueError, match="another architecture than preset 'edsr-demo-student': res_scale: file 0.5"):
+        model_from_checkpoint(wide, preset="edsr-demo-student")
 
 
 def test_mismatch_lists_missing_and_unexpected_keys():

@@ -245,24 +245,34 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
     return config
 
 
+_ARCHITECTURE_KEYS = ("arch", "scale", "num_feat", "num_block", "num_group", "reduction", "res_scale")
+
+
 def model_from_checkpoint(path_or_state_dict, preset: str | None = None, scale: int | None = None,
                           param_key: str | None = None) -> nn.Module:
     """Build the network a checkpoint holds and load it.
 
-    The architecture comes from our metadata when present, else from ``preset``
-    (at ``scale``, or the scale read from the weights), else it is inferred
-    from the key names and tensor shapes.
+    The architecture is ``preset`` when given (at ``scale``, or the scale read
+    from the weights; it must agree with the file's own record if there is
+    one), else the one our metadata records, else the one inferred from the
+    key names and tensor shapes.
     """
     checkpoint = _read(path_or_state_dict)
     tensors, metadata = _unwrap(checkpoint, param_key)
+    recorded = metadata.get("config") if isinstance(metadata, Mapping) else None
     if preset is not None:
-        state = to_basicsr_keys(tensors)
-        model = build(preset, scale if scale is not None else infer_config(state)["scale"])
-    elif isinstance(metadata, Mapping) and isinstance(metadata.get("config"), Mapping):
-        config = dict(metadata["config"])
-        if scale is not None and scale != config["scale"]:
-            raise ValueError(f"scale={scale} disagrees with the checkpoint's recorded scale {config['scale']}")
-        model = from_config(config)
+        model = build(preset, scale if scale is not None else infer_config(to_basicsr_keys(tensors))["scale"])
+        if isinstance(recorded, Mapping):
+            built = model.config()
+            differences = [f"{key}: file {recorded.get(key)!r} vs preset {built.get(key)!r}"
+                           for key in _ARCHITECTURE_KEYS if recorded.get(key) != built.get(key)]
+            if differences:
+                raise ValueError(f"the checkpoint records another architecture than preset {preset!r}: "
+                                 + "; ".join(differences))
+    elif isinstance(recorded, Mapping):
+        if scale is not None and scale != recorded["scale"]:
+            raise ValueError(f"scale={scale} disagrees with the checkpoint's recorded scale {recorded['scale']}")
+        model = from_config(dict(recorded))
     else:
         config = infer_config(to_basicsr_keys(tensors))
         if scale is not None and scale != config["scale"]:
