@@ -39,8 +39,8 @@ class PairedFolderDataset(Dataset):
 
     Each item is ``(lr, hr)``: float32 (3, p/s, p/s) and (3, p, p) in [0, 1],
     with p = ``patch_size``, cut at a random position of image ``i % n`` for
-    index ``i``, flipped and rotated by 90 degrees at
-    random when ``augment``. HR images are cropped to a multiple of ``scale``.
+    index ``i``, then flipped and rotated by 90 degrees at random when
+    ``augment``. HR images are cropped to a multiple of ``scale``.
     LR images come from ``lr_dir`` (DIV2K's ``X4`` layout: ``0001x4.png`` or
     ``0001.png``) or, without it, are made once with MATLAB-compatible bicubic
     and cached as PNG in ``cache_dir`` (default ``<hr_dir>_LR_bicubic/X<s>``
