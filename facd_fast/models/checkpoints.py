@@ -262,6 +262,7 @@ def model_from_checkpoint(path_or_state_dict, preset: str | None = None, scale: 
     recorded = metadata.get("config") if isinstance(metadata, Mapping) else None
     if preset is not None:
         model = build(preset, scale if scale is not None else infer_config(to_basicsr_keys(tensors))["scale"])
+        load_pretrained(model, tensors)  # a different shape fails here, listing the keys
         if isinstance(recorded, Mapping):
             built = model.config()
             differences = [f"{key}: file {recorded.get(key)!r} vs preset {built.get(key)!r}"
@@ -269,7 +270,8 @@ def model_from_checkpoint(path_or_state_dict, preset: str | None = None, scale: 
             if differences:
                 raise ValueError(f"the checkpoint records another architecture than preset {preset!r}: "
                                  + "; ".join(differences))
-    elif isinstance(recorded, Mapping):
+        return model
+    if isinstance(recorded, Mapping):
         if scale is not None and scale != recorded["scale"]:
             raise ValueError(f"scale={scale} disagrees with the checkpoint's recorded scale {recorded['scale']}")
         model = from_config(dict(recorded))
