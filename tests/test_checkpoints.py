@@ -35,8 +35,8 @@ def _to_official_rcan(model):
     for key, value in model.state_dict().items():
         key = re.sub(r"^conv_first\.", "head.0.", key)
         key = re.sub(r"^body\.(\d+)\.residual_group\.(\d+)\.rcab\.([02])\.", r"body.\1.body.\2.body.\3.", key)
-        key = re.sub(r"^body\.(\d+)\.residual_group\.(\d+)\.rcab\.3\.attention\.1\.", r"body.\1.body.\2.body.3.conv_du.0.", key)
-        key = re.sub(r"^body\.(\d+)\.residual_group\.(\d+)\.rcab\.3\.attention\.3\.", r"body.\1.body.\2.body.3.conv_du.2.", key)
+        key = re.sub(r"^body\.(\d+)\.residual_group\.(\d+)\.rcab\.3\.attention\.([13])\.",
+                     lambda m: f"body.{m[1]}.body.{m[2]}.body.3.conv_du.{int(m[3]) - 1}.", key)
         key = re.sub(r"^body\.(\d+)\.conv\.", rf"body.\1.body.{model.num_block}.", key)
         key = re.sub(r"^conv_after_body\.", f"body.{model.num_group}.", key)
         key = re.sub(r"^upsample\.", "tail.0.", key)
@@ -159,7 +159,8 @@ def test_mismatch_lists_missing_and_unexpected_keys():
     with pytest.raises(ValueError, match=r"missing keys \(2\): upsample\.2\.bias, upsample\.2\.weight"):
         load_pretrained(build("edsr-demo-student", 4), student.state_dict())
     wrong_width = _small_edsr(2).state_dict() | {"body.0.conv1.bias": torch.zeros(32)}
-    with pytest.raises(ValueError, match=r"shape mismatches \(1\): body\.0\.conv1\.bias: checkpoint \(32,\) vs model \(16,\)$"):
+    expected = r"shape mismatches \(1\): body\.0\.conv1\.bias: checkpoint \(32,\) vs model \(16,\)$"
+    with pytest.raises(ValueError, match=expected):
         load_pretrained(_small_edsr(2), wrong_width)
 
 

@@ -68,7 +68,8 @@ def _ssim_by_windows(y1, y2):
             var_a = (window * (a - mu_a) ** 2).sum()
             var_b = (window * (b - mu_b) ** 2).sum()
             cov = (window * (a - mu_a) * (b - mu_b)).sum()
-            values.append((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
+            numerator = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+            values.append(numerator / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
     return float(np.mean(values))
 
 

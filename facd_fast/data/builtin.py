@@ -27,7 +27,8 @@ class BuiltinPhoto:
 
 BUILTIN_PHOTOS: tuple[BuiltinPhoto, ...] = (
     BuiltinPhoto("astronaut", "skimage", "data/astronaut.png", "train",
-                 "NASA Great Images database: astronaut Eileen Collins", "public domain (no known copyright restrictions)"),
+                 "NASA Great Images database: astronaut Eileen Collins",
+                 "public domain (no known copyright restrictions)"),
     BuiltinPhoto("chelsea", "skimage", "data/chelsea.png", "train",
                  "Stefan van der Walt: Chelsea the cat", "CC0"),
     BuiltinPhoto("rocket", "skimage", "data/rocket.jpg", "train",

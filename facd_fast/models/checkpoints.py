@@ -93,7 +93,8 @@ def _unwrap(checkpoint: Mapping, param_key: str | None = None) -> tuple[dict[str
     metadata = checkpoint.get(METADATA_KEY)
     if param_key is not None:
         if not isinstance(checkpoint.get(param_key), Mapping):
-            raise ValueError(f"checkpoint has no entry {param_key!r}; top-level keys: {sorted(map(str, checkpoint))[:10]}")
+            raise ValueError(f"checkpoint has no entry {param_key!r}; "
+                             f"top-level keys: {sorted(map(str, checkpoint))[:10]}")
         state = checkpoint[param_key]
     else:
         state = next((checkpoint[key] for key in _WRAPPER_KEYS if isinstance(checkpoint.get(key), Mapping)),
