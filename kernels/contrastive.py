@@ -41,13 +41,13 @@ from torch import Tensor
 
 from facd_fast.reference import EPS_NORM, compute_dtype
 
-from .utils import element_offsets, on_device, split_elements, target_programs, tl_compute_dtype
+from .utils import on_device, split_evenly, target_programs, tl_compute_dtype
 
-#: Most elements of the (BLOCK_A, BLOCK_K, BLOCK_E) pair tile one program holds in registers.
+#: Most elements of the (BLOCK_A, BLOCK_K, BLOCK_P) pair tile one program holds in registers.
 _PAIR_TILE_ELEMENTS = 8192
 #: Largest anchor and other-row blocks.
 _MAX_ROW_BLOCK = 16
-_MAX_ELEMENT_BLOCK = 512
+_MAX_POSITION_BLOCK = 256
 #: Elements of the (BLOCK_C, BLOCK_P) tile of the kernels that reduce over channels.
 _CHANNEL_TILE_ELEMENTS = 2048
 _MAX_CHANNEL_BLOCK = 32
@@ -71,15 +71,26 @@ def _psi_prime(diff, DISTANCE_L1: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(
-    ptr, row_offsets, offsets, inv_norm_ptr, inv_norm_row_offsets, positions, mask,
-    COMPUTE_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr,
+def _spatial_offsets(positions, width, stride_h, stride_w):
+    """Memory offsets of flat spatial positions p = h * W + w within one channel plane."""
+    return (positions // width) * stride_h + (positions % width) * stride_w
+
+
+@triton.jit
+def _inverse_norm_tile(
+    inv_norm_ptr, row_offsets, positions, mask, COMPUTE_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
-    """A (rows, elements) tile in COMPUTE_DTYPE, channel-normalised if NORMALIZE; 0 where masked."""
-    x = tl.load(ptr + row_offsets[:, None] + offsets[None, :], mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    """The (rows, positions) tile of inverse channel norms; ones without normalisation (the multiply folds away)."""
     if NORMALIZE:
-        x = x * tl.load(inv_norm_ptr + inv_norm_row_offsets[:, None] + positions[None, :], mask=mask, other=0.0)
-    return x
+        return tl.load(inv_norm_ptr + row_offsets[:, None] + positions[None, :], mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    else:
+        return tl.full([row_offsets.shape[0], positions.shape[0]], 1.0, COMPUTE_DTYPE)
+
+
+@triton.jit
+def _load_channel(row_ptrs, channel, stride_c, inv_norm, mask, COMPUTE_DTYPE: tl.constexpr):
+    """One channel of a (rows, positions) tile, in COMPUTE_DTYPE, times its inverse norms; 0 where masked."""
+    return tl.load(row_ptrs + channel * stride_c, mask=mask, other=0.0).to(COMPUTE_DTYPE) * inv_norm
 
 
 @triton.jit
@@ -115,65 +126,68 @@ def _pair_distance_sums_kernel(
     others_stride_b, others_stride_k, others_stride_c, others_stride_h, others_stride_w,
     positive_stride_b, positive_stride_c, positive_stride_h, positive_stride_w,
     others_inv_stride_b, others_inv_stride_k,
-    n_anchors, n_others, n_positions, width, n_elements, blocks_per_span,
+    n_anchors, n_others, n_channels, n_positions, width, n_position_blocks, channels_per_span,
     COMPUTE_DTYPE: tl.constexpr, DISTANCE_L1: tl.constexpr, NORMALIZE: tl.constexpr,
-    HAS_POSITIVE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_POSITIVE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Partial sums over one span of elements of psi(anchor_hat[a] - others_hat[a, k]).
+    """Partial sums over one span of psi(anchor_hat[a] - others_hat[a, k]).
 
-    pair_sums[span, a, k] gets the pair sums; with HAS_POSITIVE (explicit
-    negatives) positive_sums[span, a] also gets psi(anchor_hat[a] - positive_hat[a]).
-    Anchors and positives are (B, C, H, W) rows; their inverse norms are (B, H*W) contiguous.
+    A span is a block of BLOCK_P positions times a run of channels_per_span
+    channels. pair_sums[span, a, k] gets the pair sums; with HAS_POSITIVE
+    (explicit negatives) positive_sums[span, a] also gets the sums of
+    psi(anchor_hat[a] - positive_hat[a]). Anchors and positives are
+    (B, C, H, W) rows; their inverse norms are (B, H*W) contiguous.
     """
     pid_span = tl.program_id(0).to(tl.int64)
     pid_a = tl.program_id(1).to(tl.int64)
     anchors = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     anchor_mask = anchors < n_anchors
-    first_element = pid_span * blocks_per_span * BLOCK_E
-    # others_stride_b is 0 when all anchors share the other rows (in-batch); otherwise
-    # BLOCK_A == 1 and the other rows are this one anchor's.
-    others_base = others_ptr + pid_a * BLOCK_A * others_stride_b
-    others_inv_base = others_inv_ptr + pid_a * BLOCK_A * others_inv_stride_b
+    positions = (pid_span % n_position_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    position_mask = positions < n_positions
+    first_channel = (pid_span // n_position_blocks) * channels_per_span
+    end_channel = tl.minimum(first_channel + channels_per_span, n_channels)
+    # Addresses and inverse norms of the tile's positions, once for the whole channel loop.
+    mask_a = anchor_mask[:, None] & position_mask[None, :]
+    anchor_rows = (
+        anchor_ptr + anchors[:, None] * anchor_stride_b
+        + _spatial_offsets(positions, width, anchor_stride_h, anchor_stride_w)[None, :]
+    )
+    anchor_inv = _inverse_norm_tile(anchor_inv_ptr, anchors * n_positions, positions, mask_a, COMPUTE_DTYPE, NORMALIZE)
 
     if HAS_POSITIVE:
-        positive_acc = tl.zeros([BLOCK_A, BLOCK_E], dtype=COMPUTE_DTYPE)
-        for block in range(blocks_per_span):
-            elements = first_element + block * BLOCK_E + tl.arange(0, BLOCK_E)
-            positions = elements % n_positions
-            mask = anchor_mask[:, None] & (elements < n_elements)[None, :]
-            anchor = _load_rows(
-                anchor_ptr, anchors * anchor_stride_b,
-                element_offsets(elements, n_positions, width, anchor_stride_c, anchor_stride_h, anchor_stride_w),
-                anchor_inv_ptr, anchors * n_positions, positions, mask, COMPUTE_DTYPE, NORMALIZE,
-            )
-            positive = _load_rows(
-                positive_ptr, anchors * positive_stride_b,
-                element_offsets(elements, n_positions, width, positive_stride_c, positive_stride_h, positive_stride_w),
-                positive_inv_ptr, anchors * n_positions, positions, mask, COMPUTE_DTYPE, NORMALIZE,
-            )
+        positive_rows = (
+            positive_ptr + anchors[:, None] * positive_stride_b
+            + _spatial_offsets(positions, width, positive_stride_h, positive_stride_w)[None, :]
+        )
+        positive_inv = _inverse_norm_tile(
+            positive_inv_ptr, anchors * n_positions, positions, mask_a, COMPUTE_DTYPE, NORMALIZE
+        )
+        positive_acc = tl.zeros([BLOCK_A, BLOCK_P], dtype=COMPUTE_DTYPE)
+        for channel in range(first_channel, end_channel):
+            anchor = _load_channel(anchor_rows, channel, anchor_stride_c, anchor_inv, mask_a, COMPUTE_DTYPE)
+            positive = _load_channel(positive_rows, channel, positive_stride_c, positive_inv, mask_a, COMPUTE_DTYPE)
             positive_acc += _psi(anchor - positive, DISTANCE_L1)
         tl.store(positive_sums_ptr + pid_span * n_anchors + anchors, tl.sum(positive_acc, axis=1), mask=anchor_mask)
 
+    # others_stride_b is 0 when all anchors share the other rows (in-batch); otherwise
+    # BLOCK_A == 1 and the other rows are this one anchor's.
+    others_base = (
+        others_ptr + pid_a * BLOCK_A * others_stride_b
+        + _spatial_offsets(positions, width, others_stride_h, others_stride_w)[None, :]
+    )
+    others_inv_base = others_inv_ptr + pid_a * BLOCK_A * others_inv_stride_b
     for first_other in range(0, n_others, BLOCK_K):
         others = first_other + tl.arange(0, BLOCK_K)
         others_mask = others < n_others
-        pair_acc = tl.zeros([BLOCK_A, BLOCK_K, BLOCK_E], dtype=COMPUTE_DTYPE)
-        for block in range(blocks_per_span):
-            elements = first_element + block * BLOCK_E + tl.arange(0, BLOCK_E)
-            positions = elements % n_positions
-            element_mask = (elements < n_elements)[None, :]
-            anchor = _load_rows(
-                anchor_ptr, anchors * anchor_stride_b,
-                element_offsets(elements, n_positions, width, anchor_stride_c, anchor_stride_h, anchor_stride_w),
-                anchor_inv_ptr, anchors * n_positions, positions, anchor_mask[:, None] & element_mask,
-                COMPUTE_DTYPE, NORMALIZE,
-            )
-            other = _load_rows(
-                others_base, others * others_stride_k,
-                element_offsets(elements, n_positions, width, others_stride_c, others_stride_h, others_stride_w),
-                others_inv_base, others * others_inv_stride_k, positions, others_mask[:, None] & element_mask,
-                COMPUTE_DTYPE, NORMALIZE,
-            )
+        mask_o = others_mask[:, None] & position_mask[None, :]
+        others_rows = others_base + others[:, None] * others_stride_k
+        others_inv = _inverse_norm_tile(
+            others_inv_base, others * others_inv_stride_k, positions, mask_o, COMPUTE_DTYPE, NORMALIZE
+        )
+        pair_acc = tl.zeros([BLOCK_A, BLOCK_K, BLOCK_P], dtype=COMPUTE_DTYPE)
+        for channel in range(first_channel, end_channel):
+            anchor = _load_channel(anchor_rows, channel, anchor_stride_c, anchor_inv, mask_a, COMPUTE_DTYPE)
+            other = _load_channel(others_rows, channel, others_stride_c, others_inv, mask_o, COMPUTE_DTYPE)
             pair_acc += _psi(anchor[:, None, :] - other[None, :, :], DISTANCE_L1)
         tl.store(
             pair_sums_ptr + (pid_span * n_anchors + anchors[:, None]) * n_others + others[None, :],
@@ -191,69 +205,82 @@ def _pair_gradient_kernel(
     positive_stride_b, positive_stride_c, positive_stride_h, positive_stride_w,
     grad_stride_b, grad_stride_k, grad_stride_c, grad_stride_h, grad_stride_w,
     weights_stride_b, weights_stride_k, others_inv_stride_b, others_inv_stride_k,
-    n_anchor_rows, anchors_per_batch, n_others, n_positions, width, n_elements,
+    n_anchor_rows, anchors_per_batch, n_others, n_channels, n_positions, width, n_position_blocks, channels_per_span,
     COMPUTE_DTYPE: tl.constexpr, DISTANCE_L1: tl.constexpr, NORMALIZE: tl.constexpr,
-    HAS_POSITIVE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_POSITIVE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """grad[r] = sum_k weights[b, k] psi'(anchor_hat[r] - others_hat[b, k]) (+ positive_weights[b] psi'(anchor_hat[r] - positive_hat[b])).
 
     The gradient with respect to anchor_hat, for anchor rows r = (b, j) of a
-    (B, anchors_per_batch, C, H, W) tensor. Positives are (B, C, H, W);
-    anchor inverse norms are (n_anchor_rows, H*W) contiguous, positive ones (B, H*W).
+    (B, anchors_per_batch, C, H, W) tensor, over one span (a block of BLOCK_P
+    positions times a run of channels). Positives are (B, C, H, W); anchor
+    inverse norms are (n_anchor_rows, H*W) contiguous, positive ones (B, H*W).
     """
-    pid_e = tl.program_id(0).to(tl.int64)
+    pid_span = tl.program_id(0).to(tl.int64)
     pid_a = tl.program_id(1).to(tl.int64)
     rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     row_mask = rows < n_anchor_rows
     batch = rows // anchors_per_batch
     within = rows % anchors_per_batch
-    elements = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    positions = elements % n_positions
-    element_mask = (elements < n_elements)[None, :]
-    mask = row_mask[:, None] & element_mask
-    anchor = _load_rows(
-        anchor_ptr, batch * anchor_stride_b + within * anchor_stride_k,
-        element_offsets(elements, n_positions, width, anchor_stride_c, anchor_stride_h, anchor_stride_w),
-        anchor_inv_ptr, rows * n_positions, positions, mask, COMPUTE_DTYPE, NORMALIZE,
+    positions = (pid_span % n_position_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    position_mask = positions < n_positions
+    first_channel = (pid_span // n_position_blocks) * channels_per_span
+    end_channel = tl.minimum(first_channel + channels_per_span, n_channels)
+    # Addresses, inverse norms and weights of the tile, once for the whole channel loop.
+    mask_a = row_mask[:, None] & position_mask[None, :]
+    anchor_rows = (
+        anchor_ptr + (batch * anchor_stride_b + within * anchor_stride_k)[:, None]
+        + _spatial_offsets(positions, width, anchor_stride_h, anchor_stride_w)[None, :]
     )
-    grad = tl.zeros([BLOCK_A, BLOCK_E], dtype=COMPUTE_DTYPE)
+    anchor_inv = _inverse_norm_tile(anchor_inv_ptr, rows * n_positions, positions, mask_a, COMPUTE_DTYPE, NORMALIZE)
+    grad_rows = (
+        grad_ptr + (batch * grad_stride_b + within * grad_stride_k)[:, None]
+        + _spatial_offsets(positions, width, grad_stride_h, grad_stride_w)[None, :]
+    )
     if HAS_POSITIVE:
-        positive = _load_rows(
-            positive_ptr, batch * positive_stride_b,
-            element_offsets(elements, n_positions, width, positive_stride_c, positive_stride_h, positive_stride_w),
-            positive_inv_ptr, batch * n_positions, positions, mask, COMPUTE_DTYPE, NORMALIZE,
+        positive_rows = (
+            positive_ptr + (batch * positive_stride_b)[:, None]
+            + _spatial_offsets(positions, width, positive_stride_h, positive_stride_w)[None, :]
+        )
+        positive_inv = _inverse_norm_tile(
+            positive_inv_ptr, batch * n_positions, positions, mask_a, COMPUTE_DTYPE, NORMALIZE
         )
         positive_weight = tl.load(positive_weights_ptr + batch, mask=row_mask, other=0.0).to(COMPUTE_DTYPE)
-        grad += positive_weight[:, None] * _psi_prime(anchor - positive, DISTANCE_L1)
-
     # others_stride_b is 0 when all anchors share the other rows (in-batch); otherwise
     # BLOCK_A == 1 and the other rows are this one anchor's batch's.
     first_batch = (pid_a * BLOCK_A) // anchors_per_batch
-    others_base = others_ptr + first_batch * others_stride_b
-    others_inv_base = others_inv_ptr + first_batch * others_inv_stride_b
-    others_offsets = element_offsets(elements, n_positions, width, others_stride_c, others_stride_h, others_stride_w)
-    for first_other in range(0, n_others, BLOCK_K):
-        others = first_other + tl.arange(0, BLOCK_K)
-        others_mask = others < n_others
-        other = _load_rows(
-            others_base, others * others_stride_k, others_offsets,
-            others_inv_base, others * others_inv_stride_k, positions, others_mask[:, None] & element_mask,
-            COMPUTE_DTYPE, NORMALIZE,
-        )
-        weight = tl.load(
-            weights_ptr + batch[:, None] * weights_stride_b + others[None, :] * weights_stride_k,
-            mask=row_mask[:, None] & others_mask[None, :],
-            other=0.0,
-        ).to(COMPUTE_DTYPE)
-        grad += tl.sum(weight[:, :, None] * _psi_prime(anchor[:, None, :] - other[None, :, :], DISTANCE_L1), axis=1)
-
-    grad_offsets = element_offsets(elements, n_positions, width, grad_stride_c, grad_stride_h, grad_stride_w)
-    grad_rows = batch * grad_stride_b + within * grad_stride_k
-    tl.store(
-        grad_ptr + grad_rows[:, None] + grad_offsets[None, :],
-        grad.to(grad_ptr.dtype.element_ty),
-        mask=mask,
+    others_base = (
+        others_ptr + first_batch * others_stride_b
+        + _spatial_offsets(positions, width, others_stride_h, others_stride_w)[None, :]
     )
+    others_inv_base = others_inv_ptr + first_batch * others_inv_stride_b
+
+    for channel in range(first_channel, end_channel):
+        anchor = _load_channel(anchor_rows, channel, anchor_stride_c, anchor_inv, mask_a, COMPUTE_DTYPE)
+        grad = tl.zeros([BLOCK_A, BLOCK_P], dtype=COMPUTE_DTYPE)
+        if HAS_POSITIVE:
+            positive = _load_channel(positive_rows, channel, positive_stride_c, positive_inv, mask_a, COMPUTE_DTYPE)
+            grad += positive_weight[:, None] * _psi_prime(anchor - positive, DISTANCE_L1)
+        for first_other in range(0, n_others, BLOCK_K):
+            others = first_other + tl.arange(0, BLOCK_K)
+            others_mask = others < n_others
+            mask_o = others_mask[:, None] & position_mask[None, :]
+            # reloaded per channel (from cache): accumulating over other-row blocks
+            # inside the channel loop keeps every gradient element one register sum
+            others_inv = _inverse_norm_tile(
+                others_inv_base, others * others_inv_stride_k, positions, mask_o, COMPUTE_DTYPE, NORMALIZE
+            )
+            other = _load_channel(
+                others_base + others[:, None] * others_stride_k, channel, others_stride_c, others_inv, mask_o,
+                COMPUTE_DTYPE,
+            )
+            weight = tl.load(
+                weights_ptr + batch[:, None] * weights_stride_b + others[None, :] * weights_stride_k,
+                mask=row_mask[:, None] & others_mask[None, :],
+                other=0.0,
+            ).to(COMPUTE_DTYPE)
+            grad += tl.sum(weight[:, :, None] * _psi_prime(anchor[:, None, :] - other[None, :, :], DISTANCE_L1), axis=1)
+        tl.store(grad_rows + channel * grad_stride_c, grad.to(grad_ptr.dtype.element_ty), mask=mask_a)
 
 
 @triton.jit
@@ -334,8 +361,8 @@ def _inverse_norms(x: Tensor, normalize: str) -> Tensor:
     return x.new_empty((), dtype=compute_dtype(x.dtype)).expand(*x.shape[:-3], x.shape[-2] * x.shape[-1])
 
 
-def _pair_blocks(n_anchor_rows: int, n_others: int, shared_others: bool, dtype: torch.dtype) -> dict:
-    """Block sizes of a pair tile: as many elements as fit ``_PAIR_TILE_ELEMENTS`` registers.
+def _pair_blocks(n_anchor_rows: int, n_others: int, n_positions: int, shared_others: bool, dtype: torch.dtype) -> dict:
+    """Block sizes of a pair tile: as many positions as fit ``_PAIR_TILE_ELEMENTS`` registers.
 
     Anchors come in blocks only when they share their other rows (in-batch);
     each explicit-negatives anchor has rows of its own, so its block is 1.
@@ -343,8 +370,19 @@ def _pair_blocks(n_anchor_rows: int, n_others: int, shared_others: bool, dtype: 
     block_a = min(triton.next_power_of_2(n_anchor_rows), _MAX_ROW_BLOCK) if shared_others else 1
     block_k = min(triton.next_power_of_2(n_others), _MAX_ROW_BLOCK)
     tile = _PAIR_TILE_ELEMENTS // (2 if dtype == torch.float64 else 1)
-    block_e = max(16, min(_MAX_ELEMENT_BLOCK, tile // (block_a * block_k)))
-    return dict(BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_E=block_e)
+    block_p = min(triton.next_power_of_2(n_positions), _MAX_POSITION_BLOCK, max(16, tile // (block_a * block_k)))
+    return dict(BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_P=block_p)
+
+
+def _spans(n_channels: int, n_position_blocks: int, n_row_blocks: int, device: torch.device):
+    """Work split of a pair kernel: ``(n_spans, channels_per_span)``, a span being a position block times a channel run.
+
+    The channels are cut into as many runs as it takes for the grid to fill the device.
+    """
+    n_runs, channels_per_span = split_evenly(
+        n_channels, triton.cdiv(target_programs(device), n_position_blocks * n_row_blocks)
+    )
+    return n_position_blocks * n_runs, channels_per_span
 
 
 def _channel_blocks(n_channels: int, n_positions: int) -> dict:
@@ -388,13 +426,10 @@ def _pair_distance_sums(
     batch, n_others = others.shape[:2]
     _, channels, height, width = anchor.shape
     n_positions = height * width
-    n_elements = channels * n_positions
-    shared = others.stride(0) == 0
-    blocks = _pair_blocks(batch, n_others, shared, anchor.dtype)
+    blocks = _pair_blocks(batch, n_others, n_positions, others.stride(0) == 0, anchor.dtype)
+    n_position_blocks = triton.cdiv(n_positions, blocks["BLOCK_P"])
     anchor_blocks = triton.cdiv(batch, blocks["BLOCK_A"])
-    n_spans, blocks_per_span = split_elements(
-        n_elements, blocks["BLOCK_E"], triton.cdiv(target_programs(anchor.device), anchor_blocks)
-    )
+    n_spans, channels_per_span = _spans(channels, n_position_blocks, anchor_blocks, anchor.device)
     dtype = compute_dtype(anchor.dtype)
     pair_sums = torch.empty((n_spans, batch, n_others), dtype=dtype, device=anchor.device)
     has_positive = positive is not None
@@ -405,7 +440,7 @@ def _pair_distance_sums(
         _pair_distance_sums_kernel[(n_spans, anchor_blocks)](
             anchor, others, positive, anchor_inv, others_inv, positive_inv, pair_sums, positive_sums,
             *anchor.stride(), *others.stride(), *positive.stride(), others_inv.stride(0), others_inv.stride(1),
-            batch, n_others, n_positions, width, n_elements, blocks_per_span,
+            batch, n_others, channels, n_positions, width, n_position_blocks, channels_per_span,
             HAS_POSITIVE=has_positive, **_flags(anchor, distance, normalize), **blocks,
         )
     return pair_sums.sum(dim=0), positive_sums.sum(dim=0) if has_positive else None
@@ -451,11 +486,13 @@ def _anchor_gradient(
     tensor like ``anchor``, in its dtype and strides.
     """
     n_rows_outer, per_batch, channels, height, width = anchor.shape
+    n_rows = n_rows_outer * per_batch
     n_positions = height * width
-    n_elements = channels * n_positions
     n_others = others.shape[1]
-    shared = others.stride(0) == 0
-    blocks = _pair_blocks(n_rows_outer * per_batch, n_others, shared, anchor.dtype)
+    blocks = _pair_blocks(n_rows, n_others, n_positions, others.stride(0) == 0, anchor.dtype)
+    n_position_blocks = triton.cdiv(n_positions, blocks["BLOCK_P"])
+    row_blocks = triton.cdiv(n_rows, blocks["BLOCK_A"])
+    n_spans, channels_per_span = _spans(channels, n_position_blocks, row_blocks, anchor.device)
     grad = torch.empty_like(anchor)
     normalized = normalize == "channel"
     # phi's backward needs the whole C-vector of grad_hat at a position: keep grad_hat whole, in compute dtype.
@@ -463,20 +500,17 @@ def _anchor_gradient(
     has_positive = positive is not None
     if not has_positive:  # the kernel never reads them; any tensors of the right rank fill the slots
         positive, positive_weights, positive_inv = anchor[:, 0], weights, anchor_inv
-    grid = (triton.cdiv(n_elements, blocks["BLOCK_E"]), triton.cdiv(n_rows_outer * per_batch, blocks["BLOCK_A"]))
     with on_device(anchor):
-        _pair_gradient_kernel[grid](
+        _pair_gradient_kernel[(n_spans, row_blocks)](
             anchor, others, positive, weights, positive_weights, anchor_inv, others_inv, positive_inv, grad_hat,
             *anchor.stride(), *others.stride(), *positive.stride(), *grad_hat.stride(),
             *weights.stride(), others_inv.stride(0), others_inv.stride(1),
-            n_rows_outer * per_batch, per_batch, n_others, n_positions, width, n_elements,
+            n_rows, per_batch, n_others, channels, n_positions, width, n_position_blocks, channels_per_span,
             HAS_POSITIVE=has_positive, **_flags(anchor, distance, normalize), **blocks,
         )
         if normalized:
             channel_blocks = _channel_blocks(channels, n_positions)
-            _channel_normalize_backward_kernel[
-                (triton.cdiv(n_positions, channel_blocks["BLOCK_P"]), n_rows_outer * per_batch)
-            ](
+            _channel_normalize_backward_kernel[(triton.cdiv(n_positions, channel_blocks["BLOCK_P"]), n_rows)](
                 anchor, grad_hat, grad, *anchor.stride(), *grad_hat.stride(), *grad.stride(),
                 per_batch, channels, width, n_positions, EPS_NORM,
                 COMPUTE_DTYPE=tl_compute_dtype(anchor.dtype), **channel_blocks,

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from facd_fast.reference import compute_dtype
 
-from .utils import element_offsets, on_device, split_elements, target_programs, tl_compute_dtype
+from .utils import element_offsets, on_device, split_evenly, target_programs, tl_compute_dtype
 
 _ELEMENT_BLOCK = 1024
 
@@ -67,8 +67,8 @@ def patch_mse(sr_student: Tensor, sr_teacher: Tensor, hr: Tensor) -> Tensor:
     batch, channels, height, width = hr.shape
     n_positions = height * width
     n_elements = channels * n_positions
-    n_spans, blocks_per_span = split_elements(
-        n_elements, _ELEMENT_BLOCK, triton.cdiv(target_programs(hr.device), batch)
+    n_spans, blocks_per_span = split_evenly(
+        triton.cdiv(n_elements, _ELEMENT_BLOCK), triton.cdiv(target_programs(hr.device), batch)
     )
     dtype = compute_dtype(hr.dtype)
     sums = torch.empty((n_spans, batch, 2), dtype=dtype, device=hr.device)

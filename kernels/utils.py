@@ -1,9 +1,9 @@
 """What the Triton kernels of facd_fast share: element addressing, dtypes, launch sizes.
 
-A feature row is one patch's (C, H, W) block. The kernels walk its C*H*W
-elements in a flat order e = (c * H + h) * W + w, but address memory with the
-tensor's own strides, so any layout (contiguous, channels_last, sliced) is
-read in place without a copy.
+A feature row is one patch's (C, H, W) block. Kernels index it by channel
+and flat spatial position p = h * W + w (or flat element e = c * H * W + p),
+but address memory with the tensor's own strides, so any layout
+(contiguous, channels_last, sliced, expanded) is read in place without a copy.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ _INTERPRETER_PROGRAMS = 2
 
 @triton.jit
 def element_offsets(elements, n_positions, width, stride_c, stride_h, stride_w):
-    """Memory offsets, within a row, of flat element indices ``elements`` (any shape)."""
+    """Memory offsets, within a row, of flat element indices e = c * n_positions + p (any shape)."""
     channel = elements // n_positions
     position = elements % n_positions
     return channel * stride_c + (position // width) * stride_h + (position % width) * stride_w
@@ -40,15 +40,14 @@ def target_programs(device: torch.device) -> int:
     return _INTERPRETER_PROGRAMS
 
 
-def split_elements(n_elements: int, block: int, n_programs: int):
-    """Splits ``n_elements`` into spans of whole blocks for about ``n_programs`` programs.
+def split_evenly(n_items: int, n_parts: int):
+    """Splits ``n_items`` into about ``n_parts`` runs of equal length (the last may be shorter).
 
-    Returns ``(n_spans, blocks_per_span)``: span j covers elements
-    [j * blocks_per_span * block, (j + 1) * blocks_per_span * block).
+    Returns ``(n_runs, items_per_run)``: run j covers items
+    [j * items_per_run, min((j + 1) * items_per_run, n_items)).
     """
-    n_blocks = triton.cdiv(n_elements, block)
-    blocks_per_span = triton.cdiv(n_blocks, max(1, min(n_programs, n_blocks)))
-    return triton.cdiv(n_blocks, blocks_per_span), blocks_per_span
+    items_per_run = triton.cdiv(n_items, max(1, min(n_parts, n_items)))
+    return triton.cdiv(n_items, items_per_run), items_per_run
 
 
 def on_device(tensor: torch.Tensor):
