@@ -105,13 +105,20 @@ FeatureRows negative_rows(const at::Tensor& x, const char* name) {
   return rows;
 }
 
-// Tiles of positions_per_tile positions x all channels, about kTileElements each.
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Tiles of about kTileElements elements (positions_per_tile positions x all
+// channels), blocks of about kBlockPositions positions: see facd_cpu.h.
 void set_tiling(DistanceProblem& problem) {
   const int64_t positions = problem.height * problem.width;
-  problem.positions_per_tile = std::max<int64_t>(1, std::min(positions, kTileElements / problem.channels));
-  problem.tiles = (positions + problem.positions_per_tile - 1) / problem.positions_per_tile;
-  const int64_t elements = problem.channels * problem.positions_per_tile;
-  problem.row_length = (elements + kRowAlignment - 1) / kRowAlignment * kRowAlignment;
+  problem.positions_per_tile =
+      std::min(positions, std::max(kMinTilePositions, kTileElements / problem.channels));
+  problem.tiles = ceil_div(positions, problem.positions_per_tile);
+  // One spare vector of padding: a power-of-two row length would put every
+  // row of a staged tile into the same cache sets.
+  problem.row_length = (ceil_div(problem.channels * problem.positions_per_tile, kRowAlignment) + 1) * kRowAlignment;
+  problem.tiles_per_block = std::min(problem.tiles, ceil_div(kBlockPositions, problem.positions_per_tile));
+  problem.blocks = ceil_div(problem.tiles, problem.tiles_per_block);
 }
 
 DistanceProblem distance_problem(const at::Tensor& student, const at::Tensor& teacher,
@@ -156,7 +163,7 @@ std::vector<double> pair_sums(const DistanceProblem& problem) {
   const int64_t pairs = problem.pairs();
   std::vector<double> partial(problem.tiles * pairs);
   const KernelTable* kernels = active_kernels();
-  at::parallel_for(0, problem.tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, problem.blocks, 1, [&](int64_t begin, int64_t end) {
     kernels->distance_sums(problem, begin, end, partial.data());
   });
   std::vector<double> sums(pairs, 0.0);
@@ -257,7 +264,7 @@ void feature_distances_backward_out(const at::Tensor& grad_pos, const at::Tensor
     }
   }
   const KernelTable* kernels = active_kernels();
-  at::parallel_for(0, problem.tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, problem.blocks, 1, [&](int64_t begin, int64_t end) {
     kernels->distance_gradients(problem, weights.data(), outputs, begin, end);
   });
 }

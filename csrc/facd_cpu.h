@@ -14,6 +14,17 @@ constexpr double kEpsNorm = 1e-6;
 // block of rows then streams through L1 (6 rows x 4 KiB in float32).
 constexpr int64_t kTileElements = 1024;
 
+// Fewest positions in a tile (unless H*W is smaller), whatever C, so that the
+// per-channel loops of the gather and the normalisation are long enough to vectorise.
+constexpr int64_t kMinTilePositions = 16;
+
+// A thread gathers the tiles of about this many consecutive positions at once
+// (a block): it then reads each channel of a source in runs of 512 bytes or
+// more, which the hardware prefetchers stream, instead of C runs of 64 bytes
+// from C different pages per tile, which made a per-tile gather from NCHW
+// tensors memory-latency bound.
+constexpr int64_t kBlockPositions = 128;
+
 // Tile rows are zero-padded to a multiple of this many elements, the widest
 // vector (AVX-512, 16 floats): padded elements are 0 in every row, so they add
 // psi(0) = 0 to every sum and psi'(0) = 0 to every gradient, and no loop needs
@@ -39,8 +50,9 @@ struct FeatureRows {
 };
 
 // One distance computation. The position space (H*W) is cut into tiles of
-// `positions_per_tile` consecutive positions; a tile's work depends only on
-// its index, so any split of the tiles across threads gives the same bits.
+// `positions_per_tile` consecutive positions, and the tiles into blocks of
+// `tiles_per_block`; a tile's work depends only on its index, so any split of
+// the blocks across threads gives the same bits.
 //
 // Pairs come in groups: in-batch negatives are one group (every student row
 // against every teacher row, B x B pairs); explicit negatives are B groups
@@ -53,6 +65,7 @@ struct DistanceProblem {
   bool normalize = true;
   bool compute_in_double = false;  // float64 inputs; else float32 accumulation
   int64_t positions_per_tile = 1, tiles = 1, row_length = kRowAlignment;
+  int64_t tiles_per_block = 1, blocks = 1;
 
   bool in_batch() const { return negatives_per_patch == 0; }
   int64_t groups() const { return in_batch() ? 1 : batch; }
@@ -66,18 +79,18 @@ struct GradientOutputs {
   FeatureRows student, teacher, negatives;
 };
 
-// The kernels of one instruction set. Each processes tiles [tile_begin, tile_end).
+// The kernels of one instruction set. Each processes blocks [block_begin, block_end).
 struct KernelTable {
   const char* name;
-  // partial: (tiles, pairs) float64; writes rows tile_begin..tile_end-1:
+  // partial: (tiles, pairs) float64; writes the rows of the blocks' tiles:
   // partial[tile][pair] = sum over the tile's elements of psi(x - y), pairs in
   // group-major, student-major order.
-  void (*distance_sums)(const DistanceProblem&, int64_t tile_begin, int64_t tile_end, double* partial);
+  void (*distance_sums)(const DistanceProblem&, int64_t block_begin, int64_t block_end, double* partial);
   // weights: (pairs,) float64, dL/dsum of each pair (already divided by C*H*W,
   // and doubled for l2 so that psi' is the plain difference). Writes the
-  // gradient of every element of the tiles' positions in each present output.
+  // gradient of every element of the blocks' positions in each present output.
   void (*distance_gradients)(const DistanceProblem&, const double* weights, const GradientOutputs&,
-                             int64_t tile_begin, int64_t tile_end);
+                             int64_t block_begin, int64_t block_end);
 };
 
 // nullptr where the instruction set is not compiled in (non-x86, non-GCC-compatible compiler).
