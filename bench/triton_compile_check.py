@@ -29,6 +29,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from facd_fast.kernels import contrastive, patch_mse  # noqa: E402
 
+#: Launch keywords that are compile options, not kernel arguments.
+_COMPILE_OPTIONS = ("enable_fp_fusion", "num_warps", "num_stages")
 _POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
 
 
@@ -40,8 +42,11 @@ class LaunchRecorder:
         self.launches = launches
 
     def __getitem__(self, grid):
-        def record(*args, **constexprs):
-            self.launches.add((self.kernel, _signature(self.kernel, args), tuple(sorted(constexprs.items()))))
+        def record(*args, **keywords):
+            options = {name: keywords.pop(name) for name in _COMPILE_OPTIONS if name in keywords}
+            self.launches.add(
+                (self.kernel, _signature(self.kernel, args), tuple(sorted(keywords.items())), tuple(sorted(options.items())))
+            )
 
         return record
 
@@ -113,13 +118,13 @@ def main():
     _run_launchers(tuple(args.shape), [_DTYPES[name] for name in args.dtypes])
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    for kernel, signature, constexprs in sorted(launches, key=lambda launch: (launch[0].__name__, str(launch[1:]))):
+    for kernel, signature, constexprs, options in sorted(launches, key=lambda launch: (launch[0].__name__, str(launch[1:]))):
         constants = dict(constexprs)
         full_signature = dict(signature) | {name: "constexpr" for name in constants}
-        flags = ", ".join(f"{name}={getattr(value, 'name', value)}" for name, value in constexprs)
+        flags = ", ".join(f"{name}={getattr(value, 'name', value)}" for name, value in constexprs + options)
         label = f"{kernel.__name__}[{flags}]"
         try:
-            compiled = triton.compile(ASTSource(kernel, full_signature, constants), target=target)
+            compiled = triton.compile(ASTSource(kernel, full_signature, constants), target=target, options=dict(options))
         except Exception as error:  # report every failing launch, then fail
             failures += 1
             print(f"FAIL {label}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")

@@ -347,10 +347,15 @@ def _rows_view(x: Tensor) -> Tensor:
 
 
 def _flags(x: Tensor, distance: str, normalize: str) -> dict:
+    """The pair kernels' constexpr flags and compile options for inputs like x."""
     return dict(
         COMPUTE_DTYPE=tl_compute_dtype(x.dtype),
         DISTANCE_L1=distance == "l1",
         NORMALIZE=normalize == "channel",
+        # l1 takes sign(a_hat - o_hat) with sign(0) = 0: a fused multiply-add of the
+        # normalisation into the difference would turn an exact tie into a rounding
+        # residue of either sign. l1 has no multiply-add per pair to lose; l2 keeps fusion.
+        enable_fp_fusion=distance != "l1",
     )
 
 
