@@ -16,14 +16,19 @@ Explicit negatives pass (B, K, C, H, W): each anchor has its own rows, so a
 program holds one anchor (BLOCK_A = 1) and a block of its negatives. Nothing
 of size (B, B, C, H, W) or (B, K, C, H, W) is ever written.
 
-Forward: per-program partial sums over a span of elements, written to a small
-(spans, B, K_o) buffer and summed in a fixed order (deterministic, no
-atomics). Only the channel inverse norms, (rows, H*W), are kept between
-kernels. Backward recomputes the pairs: a program owns a block of anchor
-elements and sweeps all other rows, so every gradient element is one
-register sum (no atomics either); a second kernel takes the gradient through
-the channel normalisation. Loads cast to the compute dtype (float32, float64
-for float64 inputs) before any arithmetic.
+Tiles. A program owns a block of anchor rows, a block of BLOCK_P spatial
+positions and a run of channels (a *span*); it computes the positions'
+addresses and loads their inverse norms once, then loops over its channels,
+loading one (rows, BLOCK_P) slice of each operand per channel. The channels
+are cut into as many runs as it takes for the grid to fill the GPU.
+
+Forward: per-span partial sums, written to a small (spans, B, K_o) buffer and
+summed in a fixed order (deterministic, no atomics). Only the channel inverse
+norms, (rows, H*W), are kept between kernels. Backward recomputes the pairs:
+a program sweeps all other rows for its anchor elements, so every gradient
+element is one register sum (no atomics either); a second kernel takes the
+gradient through the channel normalisation. Loads cast to the compute dtype
+(float32, float64 for float64 inputs) before any arithmetic.
 
 There is no faster non-deterministic (atomic) mode: the forward's partial
 buffer is tiny and its fixed-order sum one small reduction, and the backward
