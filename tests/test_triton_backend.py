@@ -162,11 +162,11 @@ def check_against_reference(device, student, teacher, negatives, grad_pos, grad_
 # --- distances and gradients against the reference -------------------------------------------
 
 
-# The interpreter runs a kernel at Python speed: every option on every shape in float32; the other
-# dtypes, which change only the casts on load and store, on the first shape.
+# The interpreter runs a kernel at Python speed: every option on every shape in float32; the half
+# dtypes, which change only the casts on load and store, on the first shape (float64: the next tests).
 @pytest.mark.parametrize(
     "device, shape, option, dtype_name",
-    cases(OPTIONS, ["fp32"]) + cases(ADDRESSING_OPTIONS, ["fp16", "bf16", "fp64"], shapes=slice(0, 1)),
+    cases(OPTIONS, ["fp32"]) + cases(ADDRESSING_OPTIONS, ["fp16", "bf16"], shapes=slice(0, 1)),
 )
 def test_every_option_dtype_and_shape(device, shape, option, dtype_name, poisoned_empty):
     negatives, distance, normalize = option
@@ -203,7 +203,7 @@ def test_multi_block_tiling(device, option, monkeypatch, poisoned_empty):
     monkeypatch.setattr(contrastive_kernels, "_CHANNEL_TILE_ELEMENTS", 16)
     monkeypatch.setattr(kernel_utils, "_INTERPRETER_PROGRAMS", 12)  # 2 channel runs of 2 and 1 on CPU
     negatives, distance, normalize = option
-    student, teacher, explicit, grad_pos, grad_neg = make_inputs((3, 3, 4, 5, 3), negatives, torch.float32, device)
+    student, teacher, explicit, grad_pos, grad_neg = make_inputs((3, 3, 3, 4, 3), negatives, torch.float32, device)
     check_against_reference(device, student, teacher, explicit, grad_pos, grad_neg, distance, normalize)
 
 
@@ -212,7 +212,7 @@ def test_multi_block_tiling(device, option, monkeypatch, poisoned_empty):
 def test_zero_vectors_and_ties_match_closed_form(device, option, poisoned_empty):
     """Positions whose C-vector is 0 (norm below the floor) and exact ties s == t (sign(0) = 0 for l1)."""
     negatives, distance, normalize = option
-    student, teacher, explicit, grad_pos, grad_neg = make_inputs((3, 4, 3, 3, 2), negatives, torch.float64, device)
+    student, teacher, explicit, grad_pos, grad_neg = make_inputs((2, 3, 2, 3, 2), negatives, torch.float64, device)
     student[:, :, 0, 0] = 0.0
     teacher[1] = student[1]
     if explicit is not None:
