@@ -441,6 +441,8 @@ class Trainer:
                 summary["plots"] = [str(p) for p in plot_run(self)]
             self.log.write("end", self.step, summary)
         self.log.close()
+        if self.group.distributed:
+            dist.destroy_process_group()
         return summary
 
 
