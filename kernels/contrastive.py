@@ -260,32 +260,34 @@ def _pair_gradient_kernel(
     )
     others_inv_base = others_inv_ptr + first_batch * others_inv_stride_b
 
-    for channel in range(first_channel, end_channel):
-        anchor = _load_channel(anchor_rows, channel, anchor_stride_c, anchor_inv, mask_a, COMPUTE_DTYPE)
-        grad = tl.zeros([BLOCK_A, BLOCK_P], dtype=COMPUTE_DTYPE)
-        if HAS_POSITIVE:
-            positive = _load_channel(positive_rows, channel, positive_stride_c, positive_inv, mask_a, COMPUTE_DTYPE)
-            grad += positive_weight[:, None] * _psi_prime(anchor - positive, DISTANCE_L1)
-        for first_other in range(0, n_others, BLOCK_K):
-            others = first_other + tl.arange(0, BLOCK_K)
-            others_mask = others < n_others
-            mask_o = others_mask[:, None] & position_mask[None, :]
-            # reloaded per channel (from cache): accumulating over other-row blocks
-            # inside the channel loop keeps every gradient element one register sum
-            others_inv = _inverse_norm_tile(
-                others_inv_base, others * others_inv_stride_k, positions, mask_o, COMPUTE_DTYPE, NORMALIZE
-            )
-            other = _load_channel(
-                others_base + others[:, None] * others_stride_k, channel, others_stride_c, others_inv, mask_o,
-                COMPUTE_DTYPE,
-            )
-            weight = tl.load(
-                weights_ptr + batch[:, None] * weights_stride_b + others[None, :] * weights_stride_k,
-                mask=row_mask[:, None] & others_mask[None, :],
-                other=0.0,
-            ).to(COMPUTE_DTYPE)
-            grad += tl.sum(weight[:, :, None] * _psi_prime(anchor[:, None, :] - other[None, :, :], DISTANCE_L1), axis=1)
-        tl.store(grad_rows + channel * grad_stride_c, grad.to(grad_ptr.dtype.element_ty), mask=mask_a)
+    for first_other in range(0, n_others, BLOCK_K):
+        # Addresses, inverse norms and weights of this block of other rows, once for the channel loop.
+        others = first_other + tl.arange(0, BLOCK_K)
+        others_mask = others < n_others
+        mask_o = others_mask[:, None] & position_mask[None, :]
+        others_rows = others_base + others[:, None] * others_stride_k
+        others_inv = _inverse_norm_tile(
+            others_inv_base, others * others_inv_stride_k, positions, mask_o, COMPUTE_DTYPE, NORMALIZE
+        )
+        weight = tl.load(
+            weights_ptr + batch[:, None] * weights_stride_b + others[None, :] * weights_stride_k,
+            mask=row_mask[:, None] & others_mask[None, :],
+            other=0.0,
+        ).to(COMPUTE_DTYPE)
+        for channel in range(first_channel, end_channel):
+            anchor = _load_channel(anchor_rows, channel, anchor_stride_c, anchor_inv, mask_a, COMPUTE_DTYPE)
+            other = _load_channel(others_rows, channel, others_stride_c, others_inv, mask_o, COMPUTE_DTYPE)
+            grad = tl.sum(weight[:, :, None] * _psi_prime(anchor[:, None, :] - other[None, :, :], DISTANCE_L1), axis=1)
+            if first_other == 0:
+                if HAS_POSITIVE:
+                    positive = _load_channel(
+                        positive_rows, channel, positive_stride_c, positive_inv, mask_a, COMPUTE_DTYPE
+                    )
+                    grad += positive_weight[:, None] * _psi_prime(anchor - positive, DISTANCE_L1)
+            else:
+                # what this program stored for the earlier blocks of other rows (grad_ptr is then COMPUTE_DTYPE)
+                grad += tl.load(grad_rows + channel * grad_stride_c, mask=mask_a, other=0.0).to(COMPUTE_DTYPE)
+            tl.store(grad_rows + channel * grad_stride_c, grad.to(grad_ptr.dtype.element_ty), mask=mask_a)
 
 
 @triton.jit
@@ -505,8 +507,12 @@ def _anchor_gradient(
     n_spans, channels_per_span = _spans(channels, n_position_blocks, row_blocks, anchor.device)
     grad = torch.empty_like(anchor)
     normalized = normalize == "channel"
-    # phi's backward needs the whole C-vector of grad_hat at a position: keep grad_hat whole, in compute dtype.
-    grad_hat = torch.empty(anchor.shape, dtype=compute_dtype(anchor.dtype), device=anchor.device) if normalized else grad
+    dtype = compute_dtype(anchor.dtype)
+    # The gradient w.r.t. anchor_hat goes to a whole compute-dtype buffer when phi's backward
+    # needs every channel of it at a position, or when several blocks of other rows add up in it.
+    accumulates = n_others > blocks["BLOCK_K"]
+    buffered = normalized or (accumulates and anchor.dtype != dtype)
+    grad_hat = torch.empty(anchor.shape, dtype=dtype, device=anchor.device) if buffered else grad
     has_positive = positive is not None
     if not has_positive:  # the kernel never reads them; any tensors of the right rank fill the slots
         positive, positive_weights, positive_inv = anchor[:, 0], weights, anchor_inv
@@ -518,6 +524,8 @@ def _anchor_gradient(
             n_rows, per_batch, n_others, channels, n_positions, width, n_position_blocks, channels_per_span,
             HAS_POSITIVE=has_positive, **_flags(anchor, distance, normalize), **blocks,
         )
+        if not normalized and buffered:
+            grad.copy_(grad_hat)
         if normalized:
             channel_blocks = _channel_blocks(channels, n_positions)
             _channel_normalize_backward_kernel[(triton.cdiv(n_positions, channel_blocks["BLOCK_P"]), n_rows)](
