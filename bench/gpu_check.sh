@@ -26,7 +26,7 @@ fi
 status=0
 "$PYTHON" -m pytest -q -m triton tests/test_triton_backend.py -p no:cacheprovider --durations=10 \
     2>&1 | tee "$LOGS/gpu_tests.log" || status=1
-"$PYTHON" bench/kernels.py "$@" 2>&1 | tee "$LOGS/gpu_bench.log" || status=1
+"$PYTHON" bench/kernels.py --device cuda "$@" 2>&1 | tee "$LOGS/gpu_bench.log" || status=1
 if [ -n "${OUT:-}" ]; then
     cp -r bench/results "$OUT/bench_results"
 fi
