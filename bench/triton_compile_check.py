@@ -44,9 +44,8 @@ class LaunchRecorder:
     def __getitem__(self, grid):
         def record(*args, **keywords):
             options = {name: keywords.pop(name) for name in _COMPILE_OPTIONS if name in keywords}
-            self.launches.add(
-                (self.kernel, _signature(self.kernel, args), tuple(sorted(keywords.items())), tuple(sorted(options.items())))
-            )
+            constexprs, options = tuple(sorted(keywords.items())), tuple(sorted(options.items()))
+            self.launches.add((self.kernel, _signature(self.kernel, args), constexprs, options))
 
         return record
 
@@ -108,9 +107,9 @@ def _run_launchers(shape, dtypes):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80 or 90 (default: 90, H100)")
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability: 80, 90 (default, H100)...")
     parser.add_argument("--shape", type=int, nargs=5, default=(16, 256, 48, 48, 8), metavar=("B", "C", "H", "W", "K"),
-                        help="feature shape whose launches to compile (block sizes depend on it); default: the EDSR tap")
+                        help="feature shape whose launches to compile (block sizes depend on it); default: EDSR tap")
     parser.add_argument("--dtypes", nargs="+", choices=list(_DTYPES), default=list(_DTYPES), help="input dtypes")
     args = parser.parse_args()
     launches = set()
@@ -118,13 +117,15 @@ def main():
     _run_launchers(tuple(args.shape), [_DTYPES[name] for name in args.dtypes])
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    for kernel, signature, constexprs, options in sorted(launches, key=lambda launch: (launch[0].__name__, str(launch[1:]))):
+    ordered = sorted(launches, key=lambda launch: (launch[0].__name__, str(launch[1:])))
+    for kernel, signature, constexprs, options in ordered:
         constants = dict(constexprs)
         full_signature = dict(signature) | {name: "constexpr" for name in constants}
         flags = ", ".join(f"{name}={getattr(value, 'name', value)}" for name, value in constexprs + options)
         label = f"{kernel.__name__}[{flags}]"
         try:
-            compiled = triton.compile(ASTSource(kernel, full_signature, constants), target=target, options=dict(options))
+            source = ASTSource(kernel, full_signature, constants)
+            compiled = triton.compile(source, target=target, options=dict(options))
         except Exception as error:  # report every failing launch, then fail
             failures += 1
             print(f"FAIL {label}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")

@@ -214,7 +214,8 @@ def _pair_gradient_kernel(
     COMPUTE_DTYPE: tl.constexpr, DISTANCE_L1: tl.constexpr, NORMALIZE: tl.constexpr,
     HAS_POSITIVE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """grad[r] = sum_k weights[b, k] psi'(anchor_hat[r] - others_hat[b, k]) (+ positive_weights[b] psi'(anchor_hat[r] - positive_hat[b])).
+    """grad[r] = sum_k weights[b, k] psi'(anchor_hat[r] - others_hat[b, k])
+    (+ positive_weights[b] psi'(anchor_hat[r] - positive_hat[b]) with HAS_POSITIVE).
 
     The gradient with respect to anchor_hat, for anchor rows r = (b, j) of a
     (B, anchors_per_batch, C, H, W) tensor, over one span (a block of BLOCK_P

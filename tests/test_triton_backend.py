@@ -41,7 +41,9 @@ DISTANCES = ("l1", "l2")
 NORMALIZATIONS = ("channel", "none")
 OPTIONS = list(itertools.product(NEGATIVES, DISTANCES, NORMALIZATIONS))
 #: Addressing and tiling do not depend on the distance: each (negatives, normalize) once, both distances.
-ADDRESSING_OPTIONS = [("in-batch", "l1", "channel"), ("in-batch", "l2", "none"), ("explicit", "l2", "channel"), ("explicit", "l1", "none")]
+ADDRESSING_OPTIONS = [
+    ("in-batch", "l1", "channel"), ("in-batch", "l2", "none"), ("explicit", "l2", "channel"), ("explicit", "l1", "none")
+]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 #: atol as a fraction of the largest reference value, by the dtype of the compared result.
 RELATIVE_ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -57,7 +59,7 @@ def cases(*axes, shapes=slice(None)):
     for device in DEVICES:
         for shape in SHAPES[device][shapes]:
             for combo in itertools.product(*axes):
-                ids = [device, shape_id(shape)] + ["-".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in combo]
+                ids = [device, shape_id(shape)] + ["-".join(map(str, v)) if isinstance(v, tuple) else v for v in combo]
                 params.append(pytest.param(device, shape, *combo, id="-".join(ids)))
     return params
 
@@ -269,10 +271,8 @@ def test_gradients_only_where_required(device, negatives, requires, monkeypatch)
 def test_deterministic(device, negatives):
     """Default mode has no atomics: two runs agree bit for bit."""
     student, teacher, explicit, grad_pos, grad_neg = make_inputs(SHAPES[device][0], negatives, torch.float16, device)
-    runs = [
-        distances_and_gradients(triton_ops(device).feature_distances, student, teacher, explicit, grad_pos, grad_neg, "l2", "channel")
-        for _ in range(2)
-    ]
+    args = (student, teacher, explicit, grad_pos, grad_neg, "l2", "channel")
+    runs = [distances_and_gradients(triton_ops(device).feature_distances, *args) for _ in range(2)]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
 
@@ -280,7 +280,7 @@ def test_deterministic(device, negatives):
 @pytest.mark.parametrize("negatives", NEGATIVES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_memory_stays_linear_in_the_inputs(device, negatives, monkeypatch):
-    """No buffer larger than an input: nothing of size (B, B, C, H, W) or (B, K, C, H, W) beyond the negatives themselves."""
+    """No buffer larger than an input: nothing of size (B, B, C, H, W), nor (B, K, C, H, W) beyond the negatives."""
     allocated = []
 
     def recording(allocate):
@@ -300,7 +300,8 @@ def test_memory_stays_linear_in_the_inputs(device, negatives, monkeypatch):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
-    distances_and_gradients(triton_ops(device).feature_distances, student, teacher, explicit, grad_pos, grad_neg, "l1", "channel")
+    args = (student, teacher, explicit, grad_pos, grad_neg, "l1", "channel")
+    distances_and_gradients(triton_ops(device).feature_distances, *args)
     assert allocated and max(allocated) <= largest_input
     if device == "cuda":
         # gradients, one float32 grad_hat at a time, the inputs' detached copies: a few inputs' worth, never B times one
@@ -318,7 +319,9 @@ def test_memory_stays_linear_in_the_inputs(device, negatives, monkeypatch):
 def test_patch_mse_matches_reference(device, shape, dtype_name, layout, poisoned_empty):
     batch, _, height, width, _ = shape
     generator = torch.Generator().manual_seed(1)
-    images = [make_feature((batch, 3, height, width), DTYPES[dtype_name], device, layout, generator).abs() for _ in range(3)]
+    images = [
+        make_feature((batch, 3, height, width), DTYPES[dtype_name], device, layout, generator).abs() for _ in range(3)
+    ]
     out = triton_ops(device).patch_mse(*images)
     lowp = reference.patch_mse(*images)
     ref = reference.patch_mse(*(x.double() for x in images))
@@ -389,7 +392,7 @@ def test_opcheck(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
-    """The public loss traces into one graph through the custom ops, forward and backward (aot_eager: no codegen, fast)."""
+    """The public loss traces into one graph through the custom ops, forward and backward (aot_eager: fast)."""
     student, teacher, explicit, _, _ = make_inputs((3, 4, 3, 3, 2), "explicit", torch.float32, device)
     mask = torch.tensor([True, False, True], device=device)
     triton_ops(device)  # a backend's first load registers its custom ops, which Dynamo cannot trace
