@@ -146,7 +146,8 @@ def _final_state(run_dir):
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run_bit_for_bit(tmp_path):
-    config = tiny_config(tmp_path, train={"iterations": 40, "checkpoint_every": 4, "val_every": 1000, "log_every": 4})
+    config = tiny_config(tmp_path, train={"iterations": 40, "checkpoint_every": 4, "val_every": 1000, "log_every": 4,
+                                          "ema_decay": 0.9})
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     result = run_facd("distill", str(config), "--set", f"run.out_dir={straight}")
     assert result.returncode == 0, result.stderr
@@ -167,7 +168,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run_bit_for_bit(tmp_path):
     assert result.returncode == 0, result.stderr
     expected, resumed = _final_state(straight), _final_state(killed)
     assert resumed["step"] == expected["step"] == 40
-    for part in ("model", "adapters"):
+    for part in ("model", "adapters", "ema"):
         assert expected[part].keys() == resumed[part].keys()
         for name, tensor in expected[part].items():
             assert torch.equal(tensor, resumed[part][name]), f"{part}.{name} differs after resume"
@@ -192,3 +193,14 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     assert ends[0]["replica_max_abs_diff"] == 0.0
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
     assert load_training_state(tmp_path / "run" / "fd-l1" / "checkpoints" / "last.pt")["step"] == 4
+
+
+def test_step_benchmark_times_a_step_and_the_loss_share():
+    from facd_fast.train.step_bench import FIELDS, StepCase, benchmark_case
+
+    case = StepCase("tiny", "edsr-demo-student", "edsr-demo-teacher", 2, 2, 6)
+    row = benchmark_case(case, "reference", steps=1, device=torch.device("cpu"), amp="off")
+    assert set(row) == set(FIELDS)
+    assert row["resolved_backend"] == "reference"
+    assert row["step_ms_p50"] > 0 and row["loss_ms_p50"] > 0
+    assert 0 < row["loss_share"] < 1
