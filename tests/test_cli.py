@@ -15,13 +15,15 @@ from train_fixtures import run_facd, tiny_config, write_images
 def trained_run(tmp_path_factory):
     """A 6-step facd run: its config, run folder and trainer checkpoint."""
     tmp_path = tmp_path_factory.mktemp("cli")
-    config = tiny_config(tmp_path)
+    # In-process runs: no deterministic mode or thread count, which would leak into later test files.
+    config = tiny_config(tmp_path, run={"deterministic": False, "threads": 0})
     assert main(["distill", str(config)]) == 0
     run = tmp_path / "run" / "facd"
     return {"config": config, "tmp": tmp_path, "run": run, "checkpoint": run / "checkpoints" / "last.pt"}
 
 
 def test_distill_writes_log_checkpoint_and_export(trained_run):
+    assert not torch.are_deterministic_algorithms_enabled()
     run = trained_run["run"]
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
