@@ -82,6 +82,21 @@ def _spatial_offsets(positions, width, stride_h, stride_w):
 
 
 @triton.jit
+def _span(pid_span, n_position_blocks, channels_per_span, n_positions, n_channels, BLOCK_P: tl.constexpr):
+    """A pair kernel's span: its positions, their mask, and its run of channels [first_channel, end_channel)."""
+    positions = (pid_span % n_position_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    first_channel = (pid_span // n_position_blocks) * channels_per_span
+    end_channel = tl.minimum(first_channel + channels_per_span, n_channels)
+    return positions, positions < n_positions, first_channel, end_channel
+
+
+@triton.jit
+def _row_pointers(ptr, row_offsets, positions, width, stride_h, stride_w):
+    """(rows, positions) pointers to channel 0 of the rows at ``row_offsets`` (rows,) from ``ptr``."""
+    return ptr + row_offsets[:, None] + _spatial_offsets(positions, width, stride_h, stride_w)[None, :]
+
+
+@triton.jit
 def _inverse_norm_tile(
     inv_norm_ptr, row_offsets, positions, mask, COMPUTE_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
@@ -147,22 +162,19 @@ def _pair_distance_sums_kernel(
     pid_a = tl.program_id(1).to(tl.int64)
     anchors = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     anchor_mask = anchors < n_anchors
-    positions = (pid_span % n_position_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    position_mask = positions < n_positions
-    first_channel = (pid_span // n_position_blocks) * channels_per_span
-    end_channel = tl.minimum(first_channel + channels_per_span, n_channels)
+    positions, position_mask, first_channel, end_channel = _span(
+        pid_span, n_position_blocks, channels_per_span, n_positions, n_channels, BLOCK_P
+    )
     # Addresses and inverse norms of the tile's positions, once for the whole channel loop.
     mask_a = anchor_mask[:, None] & position_mask[None, :]
-    anchor_rows = (
-        anchor_ptr + anchors[:, None] * anchor_stride_b
-        + _spatial_offsets(positions, width, anchor_stride_h, anchor_stride_w)[None, :]
+    anchor_rows = _row_pointers(
+        anchor_ptr, anchors * anchor_stride_b, positions, width, anchor_stride_h, anchor_stride_w
     )
     anchor_inv = _inverse_norm_tile(anchor_inv_ptr, anchors * n_positions, positions, mask_a, COMPUTE_DTYPE, NORMALIZE)
 
     if HAS_POSITIVE:
-        positive_rows = (
-            positive_ptr + anchors[:, None] * positive_stride_b
-            + _spatial_offsets(positions, width, positive_stride_h, positive_stride_w)[None, :]
+        positive_rows = _row_pointers(
+            positive_ptr, anchors * positive_stride_b, positions, width, positive_stride_h, positive_stride_w
         )
         positive_inv = _inverse_norm_tile(
             positive_inv_ptr, anchors * n_positions, positions, mask_a, COMPUTE_DTYPE, NORMALIZE
@@ -176,16 +188,15 @@ def _pair_distance_sums_kernel(
 
     # others_stride_b is 0 when all anchors share the other rows (in-batch); otherwise
     # BLOCK_A == 1 and the other rows are this one anchor's.
-    others_base = (
-        others_ptr + pid_a * BLOCK_A * others_stride_b
-        + _spatial_offsets(positions, width, others_stride_h, others_stride_w)[None, :]
-    )
+    others_base = others_ptr + pid_a * BLOCK_A * others_stride_b
     others_inv_base = others_inv_ptr + pid_a * BLOCK_A * others_inv_stride_b
     for first_other in range(0, n_others, BLOCK_K):
         others = first_other + tl.arange(0, BLOCK_K)
         others_mask = others < n_others
         mask_o = others_mask[:, None] & position_mask[None, :]
-        others_rows = others_base + others[:, None] * others_stride_k
+        others_rows = _row_pointers(
+            others_base, others * others_stride_k, positions, width, others_stride_h, others_stride_w
+        )
         others_inv = _inverse_norm_tile(
             others_inv_base, others * others_inv_stride_k, positions, mask_o, COMPUTE_DTYPE, NORMALIZE
         )
@@ -228,25 +239,20 @@ def _pair_gradient_kernel(
     row_mask = rows < n_anchor_rows
     batch = rows // anchors_per_batch
     within = rows % anchors_per_batch
-    positions = (pid_span % n_position_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    position_mask = positions < n_positions
-    first_channel = (pid_span // n_position_blocks) * channels_per_span
-    end_channel = tl.minimum(first_channel + channels_per_span, n_channels)
-    # Addresses, inverse norms and weights of the tile, once for the whole channel loop.
-    mask_a = row_mask[:, None] & position_mask[None, :]
-    anchor_rows = (
-        anchor_ptr + (batch * anchor_stride_b + within * anchor_stride_k)[:, None]
-        + _spatial_offsets(positions, width, anchor_stride_h, anchor_stride_w)[None, :]
+    positions, position_mask, first_channel, end_channel = _span(
+        pid_span, n_position_blocks, channels_per_span, n_positions, n_channels, BLOCK_P
     )
+    # Addresses and inverse norms of the tile, once for the whole channel loop.
+    mask_a = row_mask[:, None] & position_mask[None, :]
+    anchor_offsets = batch * anchor_stride_b + within * anchor_stride_k
+    anchor_rows = _row_pointers(anchor_ptr, anchor_offsets, positions, width, anchor_stride_h, anchor_stride_w)
     anchor_inv = _inverse_norm_tile(anchor_inv_ptr, rows * n_positions, positions, mask_a, COMPUTE_DTYPE, NORMALIZE)
-    grad_rows = (
-        grad_ptr + (batch * grad_stride_b + within * grad_stride_k)[:, None]
-        + _spatial_offsets(positions, width, grad_stride_h, grad_stride_w)[None, :]
+    grad_rows = _row_pointers(
+        grad_ptr, batch * grad_stride_b + within * grad_stride_k, positions, width, grad_stride_h, grad_stride_w
     )
     if HAS_POSITIVE:
-        positive_rows = (
-            positive_ptr + (batch * positive_stride_b)[:, None]
-            + _spatial_offsets(positions, width, positive_stride_h, positive_stride_w)[None, :]
+        positive_rows = _row_pointers(
+            positive_ptr, batch * positive_stride_b, positions, width, positive_stride_h, positive_stride_w
         )
         positive_inv = _inverse_norm_tile(
             positive_inv_ptr, batch * n_positions, positions, mask_a, COMPUTE_DTYPE, NORMALIZE
@@ -255,10 +261,7 @@ def _pair_gradient_kernel(
     # others_stride_b is 0 when all anchors share the other rows (in-batch); otherwise
     # BLOCK_A == 1 and the other rows are this one anchor's batch's.
     first_batch = (pid_a * BLOCK_A) // anchors_per_batch
-    others_base = (
-        others_ptr + first_batch * others_stride_b
-        + _spatial_offsets(positions, width, others_stride_h, others_stride_w)[None, :]
-    )
+    others_base = others_ptr + first_batch * others_stride_b
     others_inv_base = others_inv_ptr + first_batch * others_inv_stride_b
 
     for first_other in range(0, n_others, BLOCK_K):
@@ -266,7 +269,9 @@ def _pair_gradient_kernel(
         others = first_other + tl.arange(0, BLOCK_K)
         others_mask = others < n_others
         mask_o = others_mask[:, None] & position_mask[None, :]
-        others_rows = others_base + others[:, None] * others_stride_k
+        others_rows = _row_pointers(
+            others_base, others * others_stride_k, positions, width, others_stride_h, others_stride_w
+        )
         others_inv = _inverse_norm_tile(
             others_inv_base, others * others_inv_stride_k, positions, mask_o, COMPUTE_DTYPE, NORMALIZE
         )
