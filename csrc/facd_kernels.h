@@ -4,25 +4,29 @@
 // CPU_CAPABILITY_* macro before including this file, as ATen's own kernels do,
 // and gets facd::<CPU_CAPABILITY>::kernel_table().
 //
-// Algorithm. The positions (H*W) are cut into tiles, the tiles into blocks
+// Algorithm. The student and the teacher are first packed (host code,
+// pack_rows): read in their own order and rewritten tile by tile, each tile's
+// (C, positions) block contiguous and normalised, into a workspace reused from
+// call to call. The positions (H*W) are cut into tiles, the tiles into blocks
 // (DistanceProblem); threads take whole blocks. Per block and group of rows:
-//   1. gather every row of the group for the block's positions (all C channels)
-//      from its strided, any-dtype source into a float32 (float64 for double
-//      inputs) staging buffer, one (C, positions) zero-padded tile after the
-//      other; each source channel is read in one run of the block's positions;
-//   2. normalize="channel": divide each position's C-vector by its clamped norm
-//      (the norm is kept for the backward's chain rule);
-//   3. per tile, forward: sum psi(x - y) over the tile for every pair of the
+//   1. rows that are not packed (explicit negatives) are gathered for the
+//      block's positions from their strided, any-dtype source into a float32
+//      (float64 for double inputs) staging buffer, one zero-padded tile after
+//      the other, and normalised;
+//   2. per tile, forward: sum psi(x - y) over the tile for every pair of the
 //      group, with 4 x 2 register blocking (each loaded vector serves 2 or 4
 //      pairs), into that tile's row of float64 partial sums;
 //      backward: g_x = sum_y w[x, y] psi'(x - y) with 4-row register blocking,
-//      then the chain rule through the normalisation, into a staging buffer
-//      that is scattered to the strided output once the block is done.
-// Extra memory: per thread, the staged block of one group's rows (2B rows for
-// in-batch negatives, 2+K for explicit ones) and of their gradients, about
-// rows * 128 * C elements; per call, the (tiles, pairs) float64 partial sums of
-// the forward. Nothing of size B*B*C*H*W or B*K*C*H*W exists, nothing of size
-// B*C*H*W is allocated, and the forward keeps nothing for the backward.
+//      then the chain rule through the normalisation, into the packed gradient
+//      (student, teacher; written out afterwards by unpack_rows) or a staging
+//      buffer scattered to the strided output (negatives).
+// Extra memory: the workspace, two packed B*C*H*W stacks (float32, or float64
+// for double inputs) plus one per student/teacher gradient in the backward,
+// kept for the next call (release_workspace frees it); per thread, the staged
+// block of one group's gathered rows (2+K rows of about 128 * C elements for
+// explicit negatives); per call, the (tiles, pairs) float64 partial sums of the
+// forward. Nothing of size B*B*C*H*W or B*K*C*H*W exists; the forward keeps
+// nothing for the backward.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -92,9 +96,18 @@ inline void prefetch_run(const E* first, int64_t count, bool write) {
 // Copies the block's positions of one strided row (offsets: count of them) in.
 template <typename T, typename In>
 void gather_block(const In* row, int64_t stride_c, const int64_t* offsets, const BlockLayout& layout, T* staged) {
+  // Zeros where no position is copied: each tile's padding, and the missing
+  // positions of a last, partial tile.
   const int64_t tiles = (layout.count + layout.per_tile - 1) / layout.per_tile;
+  const int64_t filled = layout.channels * layout.per_tile;
   for (int64_t tile = 0; tile < tiles; ++tile)
-    std::fill_n(staged + tile * layout.tile_stride, layout.row_length, T(0));
+    std::fill(staged + tile * layout.tile_stride + filled, staged + tile * layout.tile_stride + layout.row_length, T(0));
+  const int64_t last_valid = layout.count - (tiles - 1) * layout.per_tile;
+  if (last_valid < layout.per_tile)
+    for (int64_t c = 0; c < layout.channels; ++c) {
+      T* last = staged + (tiles - 1) * layout.tile_stride + c * layout.per_tile;
+      std::fill(last + last_valid, last + layout.per_tile, T(0));
+    }
   const bool contiguous = unit_stride_run(offsets, layout.count);
   for (int64_t c = 0; c < layout.channels; ++c) {
     const In* channel = row + c * stride_c;
