@@ -97,6 +97,21 @@ def _row_pointers(ptr, row_offsets, positions, width, stride_h, stride_w):
 
 
 @triton.jit
+def _other_rows_block(
+    others_base, others_inv_base, first_other, n_others, positions, position_mask, width,
+    stride_k, stride_h, stride_w, inv_stride_k,
+    COMPUTE_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """A block of other rows: indices, row mask, (rows, positions) mask, pointers to channel 0, inverse norms."""
+    others = first_other + tl.arange(0, BLOCK_K)
+    others_mask = others < n_others
+    mask = others_mask[:, None] & position_mask[None, :]
+    rows = _row_pointers(others_base, others * stride_k, positions, width, stride_h, stride_w)
+    inv_norm = _inverse_norm_tile(others_inv_base, others * inv_stride_k, positions, mask, COMPUTE_DTYPE, NORMALIZE)
+    return others, others_mask, mask, rows, inv_norm
+
+
+@triton.jit
 def _inverse_norm_tile(
     inv_norm_ptr, row_offsets, positions, mask, COMPUTE_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
@@ -191,14 +206,9 @@ def _pair_distance_sums_kernel(
     others_base = others_ptr + pid_a * BLOCK_A * others_stride_b
     others_inv_base = others_inv_ptr + pid_a * BLOCK_A * others_inv_stride_b
     for first_other in range(0, n_others, BLOCK_K):
-        others = first_other + tl.arange(0, BLOCK_K)
-        others_mask = others < n_others
-        mask_o = others_mask[:, None] & position_mask[None, :]
-        others_rows = _row_pointers(
-            others_base, others * others_stride_k, positions, width, others_stride_h, others_stride_w
-        )
-        others_inv = _inverse_norm_tile(
-            others_inv_base, others * others_inv_stride_k, positions, mask_o, COMPUTE_DTYPE, NORMALIZE
+        others, others_mask, mask_o, others_rows, others_inv = _other_rows_block(
+            others_base, others_inv_base, first_other, n_others, positions, position_mask, width,
+            others_stride_k, others_stride_h, others_stride_w, others_inv_stride_k, COMPUTE_DTYPE, NORMALIZE, BLOCK_K,
         )
         pair_acc = tl.zeros([BLOCK_A, BLOCK_K, BLOCK_P], dtype=COMPUTE_DTYPE)
         for channel in range(first_channel, end_channel):
@@ -266,14 +276,9 @@ def _pair_gradient_kernel(
 
     for first_other in range(0, n_others, BLOCK_K):
         # Addresses, inverse norms and weights of this block of other rows, once for the channel loop.
-        others = first_other + tl.arange(0, BLOCK_K)
-        others_mask = others < n_others
-        mask_o = others_mask[:, None] & position_mask[None, :]
-        others_rows = _row_pointers(
-            others_base, others * others_stride_k, positions, width, others_stride_h, others_stride_w
-        )
-        others_inv = _inverse_norm_tile(
-            others_inv_base, others * others_inv_stride_k, positions, mask_o, COMPUTE_DTYPE, NORMALIZE
+        others, others_mask, mask_o, others_rows, others_inv = _other_rows_block(
+            others_base, others_inv_base, first_other, n_others, positions, position_mask, width,
+            others_stride_k, others_stride_h, others_stride_w, others_inv_stride_k, COMPUTE_DTYPE, NORMALIZE, BLOCK_K,
         )
         weight = tl.load(
             weights_ptr + batch[:, None] * weights_stride_b + others[None, :] * weights_stride_k,
