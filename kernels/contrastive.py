@@ -129,6 +129,19 @@ def _load_channel(row_ptrs, channel, stride_c, inv_norm, mask, COMPUTE_DTYPE: tl
 
 
 @triton.jit
+def _channel_block(first_channel, n_channels, position_mask, BLOCK_C: tl.constexpr):
+    """Channels [first_channel, first_channel + BLOCK_C) and the (BLOCK_C, positions) mask of their tile."""
+    channels = first_channel + tl.arange(0, BLOCK_C)
+    return channels, (channels < n_channels)[:, None] & position_mask[None, :]
+
+
+@triton.jit
+def _load_channel_block(position_ptrs, channels, stride_c, mask, COMPUTE_DTYPE: tl.constexpr):
+    """The (channels, positions) tile at ``position_ptrs`` (channel 0 of each position), in COMPUTE_DTYPE."""
+    return tl.load(position_ptrs[None, :] + channels[:, None] * stride_c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+
+
+@triton.jit
 def _channel_inverse_norms_kernel(
     x_ptr, inv_norm_ptr,
     stride_outer, stride_inner, stride_c, stride_h, stride_w,
@@ -144,9 +157,8 @@ def _channel_inverse_norms_kernel(
     row_ptr = x_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
     sum_sq = tl.zeros([BLOCK_P], dtype=COMPUTE_DTYPE)
     for first_channel in range(0, n_channels, BLOCK_C):
-        channels = first_channel + tl.arange(0, BLOCK_C)
-        mask = (channels < n_channels)[:, None] & position_mask[None, :]
-        x = tl.load(row_ptr + channels[:, None] * stride_c + spatial[None, :], mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        channels, mask = _channel_block(first_channel, n_channels, position_mask, BLOCK_C)
+        x = _load_channel_block(row_ptr + spatial, channels, stride_c, mask, COMPUTE_DTYPE)
         sum_sq += tl.sum(x * x, axis=0)
     inv_norm = 1.0 / tl.maximum(tl.sqrt(sum_sq), eps_norm)
     tl.store(inv_norm_ptr + row * n_positions + positions, inv_norm, mask=position_mask)
@@ -333,12 +345,9 @@ def _channel_normalize_backward_kernel(
     sum_sq = tl.zeros([BLOCK_P], dtype=COMPUTE_DTYPE)
     dot = tl.zeros([BLOCK_P], dtype=COMPUTE_DTYPE)
     for first_channel in range(0, n_channels, BLOCK_C):
-        channels = first_channel + tl.arange(0, BLOCK_C)
-        mask = (channels < n_channels)[:, None] & position_mask[None, :]
-        x = tl.load(x_row[None, :] + channels[:, None] * x_stride_c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        grad_hat = tl.load(
-            grad_hat_row[None, :] + channels[:, None] * grad_hat_stride_c, mask=mask, other=0.0
-        ).to(COMPUTE_DTYPE)
+        channels, mask = _channel_block(first_channel, n_channels, position_mask, BLOCK_C)
+        x = _load_channel_block(x_row, channels, x_stride_c, mask, COMPUTE_DTYPE)
+        grad_hat = _load_channel_block(grad_hat_row, channels, grad_hat_stride_c, mask, COMPUTE_DTYPE)
         sum_sq += tl.sum(x * x, axis=0)
         dot += tl.sum(x * grad_hat, axis=0)
     norm = tl.sqrt(sum_sq)
@@ -346,12 +355,9 @@ def _channel_normalize_backward_kernel(
     # <x_hat, grad_hat> / ||x|| times x_hat = x * dot / ||x||^3; below the floor phi is x / eps_norm, linear.
     projection = tl.where(norm > eps_norm, dot * inv_norm * inv_norm * inv_norm, 0.0)
     for first_channel in range(0, n_channels, BLOCK_C):
-        channels = first_channel + tl.arange(0, BLOCK_C)
-        mask = (channels < n_channels)[:, None] & position_mask[None, :]
-        x = tl.load(x_row[None, :] + channels[:, None] * x_stride_c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        grad_hat = tl.load(
-            grad_hat_row[None, :] + channels[:, None] * grad_hat_stride_c, mask=mask, other=0.0
-        ).to(COMPUTE_DTYPE)
+        channels, mask = _channel_block(first_channel, n_channels, position_mask, BLOCK_C)
+        x = _load_channel_block(x_row, channels, x_stride_c, mask, COMPUTE_DTYPE)
+        grad_hat = _load_channel_block(grad_hat_row, channels, grad_hat_stride_c, mask, COMPUTE_DTYPE)
         grad = grad_hat * inv_norm[None, :] - x * projection[None, :]
         tl.store(grad_row[None, :] + channels[:, None] * grad_stride_c, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
