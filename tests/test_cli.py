@@ -11,12 +11,20 @@ from facd_fast.train.checkpoint import load_training_state
 from train_fixtures import run_facd, tiny_config, write_images
 
 
+@pytest.fixture(scope="module", autouse=True)
+def restore_torch_threads():
+    """In-process runs set one intra-op thread (run.threads); later test files get torch's count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A 6-step facd run: its config, run folder and trainer checkpoint."""
     tmp_path = tmp_path_factory.mktemp("cli")
-    # In-process runs: no deterministic mode or thread count, which would leak into later test files.
-    config = tiny_config(tmp_path, run={"deterministic": False, "threads": 0})
+    # In-process runs: no deterministic mode, which would leak into later test files.
+    config = tiny_config(tmp_path, run={"deterministic": False})
     assert main(["distill", str(config)]) == 0
     run = tmp_path / "run" / "facd"
     return {"config": config, "tmp": tmp_path, "run": run, "checkpoint": run / "checkpoints" / "last.pt"}
@@ -120,3 +128,24 @@ def test_python_dash_m_runs_the_same_command():
     assert result.returncode == 0
     for command in ("train-teacher", "distill", "eval", "export", "bench", "demo"):
         assert command in result.stdout
+
+
+def test_train_teacher_exports_the_teacher_preset(trained_run):
+    out_dir = trained_run["tmp"] / "teacher_run"
+    assert main(["train-teacher", str(trained_run["config"]), "--set", f"run.out_dir={out_dir}",
+                 "--set", "train.iterations=2", "--set", "train.val_every=2"]) == 0
+    teacher = models.model_from_checkpoint(out_dir / "teacher" / "teacher.pth")
+    assert teacher.preset == "edsr-demo-teacher" and teacher.scale == 2
+    records = [json.loads(line) for line in (out_dir / "teacher" / "log.jsonl").read_text().splitlines()]
+    assert {"l1_teacher", "feature"}.isdisjoint(records[0]) and records[-1]["method"] == "none"
+
+
+@pytest.mark.parametrize("method", ["fd-l2", "fakd", "facd-nomask"])
+def test_bf16_channels_last_distillation_runs_every_baseline(trained_run, method):
+    out_dir = trained_run["tmp"] / f"bf16_{method}"
+    assert main(["distill", str(trained_run["config"]), "--method", method, "--set", f"run.out_dir={out_dir}",
+                 "--set", "train.amp=bf16", "--set", "train.channels_last=true", "--set", "train.iterations=2",
+                 "--set", "train.val_every=2", "--set", "train.ema_decay=0.5"]) == 0
+    records = [json.loads(line) for line in (out_dir / method / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+    assert np.isfinite(records[-1]["val_psnr_y"])
