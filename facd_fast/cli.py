@@ -4,7 +4,7 @@
     facd distill CONFIG --method {none,fd-l1,fd-l2,fakd,facd,facd-nomask} [--set ...] [--resume]
     facd eval CHECKPOINT --hr-dir DIR --scale S [--lr-dir DIR] [--model PRESET] [--json]
     facd export CHECKPOINT OUT [--ema]
-    facd bench [--out DIR] [--shapes small|paper|all] [--steps N] [--skip-kernels]
+    facd bench [--out DIR] [--shapes small|paper|all] [--steps N] [--skip-kernels] [--device cpu|cuda]
     facd demo [--out DIR] [--budget-s SECONDS]
 
 Errors in what the user gave (a missing file, an unknown config key, weights
@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 from .train.config import METHODS, ConfigError, load_config
 
-#: The kernel benchmark script of the source checkout (Liger-style CSV + plots into bench/results/).
-KERNEL_BENCHMARK = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
 USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, ValueError, TypeError)
 
 
@@ -61,12 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="output .pth path")
     export.add_argument("--ema", action="store_true", help="export the EMA weights")
 
-    bench = commands.add_parser("bench", help="kernel benchmarks and the training-step benchmark")
+    bench = commands.add_parser("bench", help="the kernel benchmark (facd_fast.bench) and the training-step benchmark")
     bench.add_argument("--out", default="bench/results", help="results folder (CSV files)")
     bench.add_argument("--shapes", choices=("small", "paper", "all"), default=None,
                        help="training-step shapes; default: small on CPU, all on CUDA")
     bench.add_argument("--steps", type=int, default=None, help="timed steps per case (default 3 on CPU, 20 on CUDA)")
     bench.add_argument("--skip-kernels", action="store_true", help="run the training-step benchmark only")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
     demo = commands.add_parser("demo", help="teacher, three students, table and plots on the built-in photos")
     demo.add_argument("--out", default="runs/demo", help="run folder")
@@ -120,14 +117,12 @@ def _run_bench(args) -> int:
     from .train.step_bench import run_step_benchmark
 
     if not args.skip_kernels:
-        if KERNEL_BENCHMARK.is_file():
-            print(f"[bench] kernels: {KERNEL_BENCHMARK}", flush=True)
-            subprocess.run([sys.executable, str(KERNEL_BENCHMARK)], check=True, cwd=KERNEL_BENCHMARK.parents[1])
-        else:
-            print(f"[bench] no kernel benchmark at {KERNEL_BENCHMARK} (it ships with the source checkout); "
-                  "running the training-step benchmark only", flush=True)
+        from . import bench
+
+        print("[bench] kernels (facd_fast.bench)", flush=True)
+        bench.run(out_dir=args.out, device=args.device)
     print("[bench] training step", flush=True)
-    run_step_benchmark(out_dir=args.out, shapes=args.shapes, steps=args.steps)
+    run_step_benchmark(out_dir=args.out, shapes=args.shapes, steps=args.steps, device=args.device)
     return 0
 
 
