@@ -149,3 +149,20 @@ def test_bf16_channels_last_distillation_runs_every_baseline(trained_run, method
     records = [json.loads(line) for line in (out_dir / method / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
     assert np.isfinite(records[-1]["val_psnr_y"])
+
+
+def test_bench_runs_the_kernel_benchmark_then_the_training_step(monkeypatch, tmp_path):
+    import csv
+
+    from facd_fast import bench
+    from facd_fast.train import step_bench
+
+    calls = []
+    monkeypatch.setattr(bench, "run", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setitem(step_bench.CASES, "small", [step_bench.StepCase("tiny", "edsr-demo-student",
+                                                                         "edsr-demo-teacher", 2, 2, 6)])
+    assert main(["bench", "--out", str(tmp_path), "--steps", "1", "--device", "cpu"]) == 0
+    assert calls == [{"out_dir": str(tmp_path), "device": "cpu"}]
+    rows = list(csv.DictReader((tmp_path / "train_step.csv").open()))
+    assert [(r["case"], r["backend"]) for r in rows] == [("tiny", "auto"), ("tiny", "reference")]
+    assert all(float(r["steps_per_s"]) > 0 for r in rows)
