@@ -192,7 +192,19 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     assert ends[0]["world_size"] == 2
     assert ends[0]["replica_max_abs_diff"] == 0.0
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
-    assert load_training_state(tmp_path / "run" / "fd-l1" / "checkpoints" / "last.pt")["step"] == 4
+    state = load_training_state(tmp_path / "run" / "fd-l1" / "checkpoints" / "last.pt")
+    assert state["step"] == 4
+    # One RNG state per rank, and they differ: the ranks drew different crops.
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+    # Resume both processes from the checkpoint and train on to step 6.
+    result = subprocess.run(command + ["--set", "train.iterations=6", "--resume"], cwd=REPO_ROOT,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "fd-l1" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    ends = [r for r in records if r["kind"] == "end"]
+    assert len(ends) == 1 and ends[0]["steps"] == 6 and ends[0]["replica_max_abs_diff"] == 0.0
 
 
 def test_step_benchmark_times_a_step_and_the_loss_share():

@@ -41,10 +41,13 @@ class RunLog:
             self._writer.flush()
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past ``step``: a resumed run repeats the steps after its checkpoint."""
+        """Drop records past ``step`` and earlier "end" records: a resumed run repeats the steps after its checkpoint."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        kept = [
+            line for line in self.path.read_text().splitlines()
+            if json.loads(line)["step"] <= step and json.loads(line)["kind"] != "end"
+        ]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def close(self) -> None:

@@ -162,10 +162,20 @@ class Trainer:
 
         _set_determinism(config)
         self.group, self.device = init_process_group(run["device"])
+        # Rank 0 writes the built-in photos and the LR cache; the others wait, then read them.
+        if not self.group.is_main:
+            dist.barrier()
         self.train_dir, self.val_dir = resolve_data_dirs(config)
         _check_folder("data.train_hr_dir", self.train_dir)
         if self.val_dir:
             _check_folder("data.val_hr_dir", self.val_dir)
+        self.dataset = sr_data.PairedFolderDataset(
+            self.train_dir, model_config["scale"], config["data"]["patch_size"],
+            lr_dir=config["data"]["train_lr_dir"] or None, cache_dir=config["data"]["cache_dir"] or None,
+            augment=config["data"]["augment"], repeat=config["data"]["repeat"],
+        )
+        if self.group.distributed and self.group.is_main:
+            dist.barrier()
         _seed_everything(run["seed"])
 
         scale = model_config["scale"]
@@ -192,15 +202,10 @@ class Trainer:
         self.last_val_psnr = float("nan")
         if resume and self.checkpoint_path.is_file():
             self._load_state(load_training_state(self.checkpoint_path))
-        # Each rank draws different crops and flips (after a resume, the restored states differ already).
+        # Each rank draws different crops and flips (a resume restores each rank's own RNG states).
         elif self.group.distributed:
             _seed_everything(run["seed"] + self.group.rank)
 
-        self.dataset = sr_data.PairedFolderDataset(
-            self.train_dir, scale, config["data"]["patch_size"],
-            lr_dir=config["data"]["train_lr_dir"] or None, cache_dir=config["data"]["cache_dir"] or None,
-            augment=config["data"]["augment"], repeat=config["data"]["repeat"],
-        )
         per_step = train["batch_size"] * self.group.world_size
         if len(self.dataset) < per_step:
             raise ConfigError(
@@ -275,8 +280,16 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
-            "rng": rng_states(),
+            "rng": self._rng_states_of_all_ranks(),
         }
+
+    def _rng_states_of_all_ranks(self) -> List[Dict[str, Any]]:
+        """Every rank's RNG states, in rank order (collective: all ranks must call it)."""
+        if not self.group.distributed:
+            return [rng_states()]
+        states: List[Any] = [None] * self.group.world_size
+        dist.all_gather_object(states, rng_states())
+        return states
 
     def _load_state(self, state: Dict[str, Any]) -> None:
         if state["mode"] != self.mode or state["method"] != self.method:
@@ -296,11 +309,18 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_done_in_epoch = state["batches_done_in_epoch"]
         self.elapsed_s, self.last_val_psnr = state["elapsed_s"], state["last_val_psnr"]
-        restore_rng_states(state["rng"])
+        if len(state["rng"]) != self.group.world_size:
+            raise ConfigError(
+                f"{self.checkpoint_path} was written by {len(state['rng'])} process(es), this run has "
+                f"{self.group.world_size}: resume with as many processes"
+            )
+        restore_rng_states(state["rng"][self.group.rank])
 
     def save_checkpoint(self) -> None:
+        """Collective (every rank contributes its RNG states); rank 0 writes."""
+        state = self.state_dict()
         if self.group.is_main:
-            atomic_torch_save(self.state_dict(), self.checkpoint_path)
+            atomic_torch_save(state, self.checkpoint_path)
 
     @property
     def eval_network(self) -> nn.Module:
