@@ -188,6 +188,27 @@ def test_every_output_element_is_written(layout):
     assert_close_relative(mse, reference.patch_mse(*[x.double() for x in images]))
 
 
+def test_reused_workspace_leaves_nothing_behind():
+    """The packing workspace is reused between calls: NaNs left there by a larger
+    call must not reach a smaller one with partial tiles and padding."""
+    poison = torch.full((4, 64, 9, 9), float("nan"))
+    grad = torch.empty_like(poison)
+    EXT.feature_distances_backward_out(torch.ones(4), torch.ones(4), poison, poison, None, "l1", "channel",
+                                       grad, grad.clone(), None)
+    shape = (3, 5, 7, 9)
+    student, teacher = make_features(shape), make_features(shape)
+    d_pos, d_neg = cpp.forward(student, teacher, None, "l1", "channel")
+    ref_pos, ref_neg = reference.feature_distances(student.double(), teacher.double(), None, "l1", "channel")
+    assert_close_relative(d_pos, ref_pos)
+    assert_close_relative(d_neg, ref_neg)
+    grad_pos, grad_neg = torch.randn(3), torch.randn(3)
+    fused = cpp.backward(grad_pos, grad_neg, student, teacher, None, "l1", "channel", True, True, False)
+    expected = distances_backward(grad_pos.double(), grad_neg.double(), student.double(), teacher.double(), None,
+                                  "l1", "channel")
+    for got, want in zip(fused[:2], expected[:2]):
+        assert_close_relative(got, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_patch_mse_and_adaptive_mask_match_reference(dtype):
     hr = make_features((6, 3, 17, 13), dtype).uniform_()
