@@ -1,12 +1,11 @@
 """EDSR (Lim et al. 2017) with BasicSR's parameter names: body.N.conv1/conv2."""
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 from torch import Tensor, nn
 
-from .network import DIV2K_RGB_MEAN, ResidualSRNetwork, check_positive_int
+from .network import DIV2K_RGB_MEAN, ResidualSRNetwork, check_positive_int, check_positive_real
 
 
 class ResidualBlock(nn.Module):
@@ -36,9 +35,7 @@ class EDSR(ResidualSRNetwork):
                  taps=None, num_in_ch: int = 3, num_out_ch: int = 3, img_range: float = 255.0,
                  rgb_mean: Sequence[float] = DIV2K_RGB_MEAN, preset: str | None = None):
         self.num_block = check_positive_int("num_block", num_block)
-        if not isinstance(res_scale, numbers.Real) or not res_scale > 0:
-            raise ValueError(f"res_scale must be a positive number, got {res_scale!r}")
-        self.res_scale = float(res_scale)
+        self.res_scale = check_positive_real("res_scale", res_scale)
         super().__init__(scale=scale, num_feat=num_feat, taps=taps, num_in_ch=num_in_ch, num_out_ch=num_out_ch,
                          img_range=img_range, rgb_mean=rgb_mean, preset=preset)
 

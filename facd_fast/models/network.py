@@ -37,6 +37,12 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+def check_positive_real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
 class Upsample(nn.Sequential):
     """Sub-pixel upsampler: one conv + PixelShuffle(2) per factor 2, or one conv + PixelShuffle(3).
 

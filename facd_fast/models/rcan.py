@@ -6,12 +6,11 @@ body.G.conv a group's closing conv.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 from torch import Tensor, nn
 
-from .network import DIV2K_RGB_MEAN, ResidualSRNetwork, check_positive_int
+from .network import DIV2K_RGB_MEAN, ResidualSRNetwork, check_positive_int, check_positive_real
 
 
 class ChannelAttention(nn.Module):
@@ -69,9 +68,7 @@ class RCAN(ResidualSRNetwork):
         self.reduction = check_positive_int("reduction", reduction)
         if num_feat // self.reduction < 1:
             raise ValueError(f"reduction must be <= num_feat, got reduction={reduction}, num_feat={num_feat}")
-        if not isinstance(res_scale, numbers.Real) or not res_scale > 0:
-            raise ValueError(f"res_scale must be a positive number, got {res_scale!r}")
-        self.res_scale = float(res_scale)
+        self.res_scale = check_positive_real("res_scale", res_scale)
         super().__init__(scale=scale, num_feat=num_feat, taps=taps, num_in_ch=num_in_ch, num_out_ch=num_out_ch,
                          img_range=img_range, rgb_mean=rgb_mean, preset=preset)
 
