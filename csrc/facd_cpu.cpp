@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <mutex>
 #include <optional>
 #include <string>
 
@@ -160,91 +159,6 @@ DistanceProblem distance_problem(const at::Tensor& student, const at::Tensor& te
   return problem;
 }
 
-// Memory for the packs, reused from call to call: they are O(B*C*H*W), and
-// a fresh allocation of that size costs more in page faults (the kernel
-// zeroing every new page) than the whole distance computation. A call takes a
-// buffer from the pool for its duration, so concurrent calls never share one;
-// release_workspace() frees the pool.
-class Workspace {
- public:
-  explicit Workspace(int64_t bytes) {
-    std::lock_guard<std::mutex> lock(mutex());
-    auto& pool = buffers();
-    // Take the largest free buffer; grow it if it is too small.
-    auto largest = std::max_element(pool.begin(), pool.end(),
-                                    [](const at::Tensor& a, const at::Tensor& b) { return a.numel() < b.numel(); });
-    if (largest != pool.end()) {
-      buffer_ = std::move(*largest);
-      pool.erase(largest);
-    }
-    if (!buffer_.defined() || buffer_.numel() < bytes) buffer_ = at::empty({bytes}, at::kByte);
-  }
-  ~Workspace() {
-    std::lock_guard<std::mutex> lock(mutex());
-    buffers().push_back(std::move(buffer_));
-  }
-  Workspace(const Workspace&) = delete;
-  Workspace& operator=(const Workspace&) = delete;
-
-  // Consecutive pieces of the buffer, each 64-byte aligned.
-  void* take(int64_t bytes) {
-    void* piece = static_cast<char*>(buffer_.data_ptr()) + used_;
-    used_ += (bytes + 63) / 64 * 64;
-    TORCH_INTERNAL_ASSERT(used_ <= buffer_.numel());
-    return piece;
-  }
-
-  static int64_t rounded(int64_t bytes) { return (bytes + 63) / 64 * 64; }
-
-  static void release_all() {
-    std::lock_guard<std::mutex> lock(mutex());
-    buffers().clear();
-  }
-
- private:
-  static std::mutex& mutex() {
-    static std::mutex instance;
-    return instance;
-  }
-  static std::vector<at::Tensor>& buffers() {
-    static std::vector<at::Tensor> instance;
-    return instance;
-  }
-
-  at::Tensor buffer_;
-  int64_t used_ = 0;
-};
-
-// Bytes of one packed (B, C, H, W) stack and of its norms.
-int64_t packed_bytes(const DistanceProblem& problem) {
-  const int64_t element = problem.compute_in_double ? 8 : 4;
-  return Workspace::rounded(problem.batch * problem.tiles * problem.row_length * element);
-}
-int64_t packed_norm_bytes(const DistanceProblem& problem) {
-  const int64_t element = problem.compute_in_double ? 8 : 4;
-  return problem.normalize ? Workspace::rounded(problem.batch * problem.tiles * problem.positions_per_tile * element)
-                           : 0;
-}
-
-// Packs the student and the teacher into the workspace (explicit negatives
-// stay where they are: a packed copy of them would be B*K*C*H*W).
-void pack_features(DistanceProblem& problem, Workspace& workspace) {
-  for (PackedRows* packed : {&problem.packed_student, &problem.packed_teacher}) {
-    packed->values = workspace.take(packed_bytes(problem));
-    if (problem.normalize) packed->norms = workspace.take(packed_norm_bytes(problem));
-  }
-  const KernelTable* kernels = active_kernels();
-  const int64_t batch = problem.batch;
-  at::parallel_for(0, 2 * batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const bool student = task < batch;
-      const int64_t row = student ? task : task - batch;
-      kernels->pack_rows(problem, student ? problem.student : problem.teacher,
-                         student ? problem.packed_student : problem.packed_teacher, row, row + 1);
-    }
-  });
-}
-
 // sums[pair] over the whole position space, reduced over tiles in tile order.
 std::vector<double> pair_sums(const DistanceProblem& problem) {
   const int64_t pairs = problem.pairs();
@@ -280,8 +194,6 @@ void feature_distances_out(const at::Tensor& student, const at::Tensor& teacher,
   const at::ScalarType dtype = compute_type(student.scalar_type());
   check_output(d_pos, "d_pos", {problem.batch}, dtype);
   check_output(d_neg, "d_neg", {problem.batch}, dtype);
-  Workspace workspace(2 * (packed_bytes(problem) + packed_norm_bytes(problem)));
-  pack_features(problem, workspace);
   const std::vector<double> sums = pair_sums(problem);
   const double elements = static_cast<double>(problem.channels * problem.height * problem.width);
   const int64_t batch = problem.batch;
@@ -352,25 +264,9 @@ void feature_distances_backward_out(const at::Tensor& grad_pos, const at::Tensor
       weights[i * targets + k] = (positive ? pos[i] : negative_weight) * scale;
     }
   }
-  // The student's and teacher's gradients are built in packed form and
-  // written out in one pass each, in the outputs' own order.
-  const int64_t packed_gradients = (outputs.student.data != nullptr) + (outputs.teacher.data != nullptr);
-  Workspace workspace(2 * (packed_bytes(problem) + packed_norm_bytes(problem)) +
-                      packed_gradients * packed_bytes(problem));
-  pack_features(problem, workspace);
-  if (outputs.student.data != nullptr) outputs.packed_student = workspace.take(packed_bytes(problem));
-  if (outputs.teacher.data != nullptr) outputs.packed_teacher = workspace.take(packed_bytes(problem));
   const KernelTable* kernels = active_kernels();
   at::parallel_for(0, problem.blocks, 1, [&](int64_t begin, int64_t end) {
     kernels->distance_gradients(problem, weights.data(), outputs, begin, end);
-  });
-  const std::pair<const void*, const FeatureRows*> unpacks[2] = {{outputs.packed_student, &outputs.student},
-                                                                  {outputs.packed_teacher, &outputs.teacher}};
-  at::parallel_for(0, 2 * batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const auto& [packed, destination] = unpacks[task / batch];
-      if (packed != nullptr) kernels->unpack_rows(problem, packed, *destination, task % batch, task % batch + 1);
-    }
   });
 }
 
@@ -406,8 +302,6 @@ void patch_mse_out(const at::Tensor& sr_student, const at::Tensor& sr_teacher, c
 
 std::string cpu_capability() { return active_kernels()->name; }
 
-void release_workspace() { Workspace::release_all(); }
-
 // "auto" (the best this CPU runs), "default", "avx2" or "avx512"; for tests and benchmarks.
 void set_cpu_capability(const std::string& name) {
   if (name == "auto") {
@@ -435,8 +329,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("patch_mse_out", &facd::patch_mse_out, "per-patch MSE of sr_student and sr_teacher against hr into (B, 2)",
         py::arg("sr_student"), py::arg("sr_teacher"), py::arg("hr"), py::arg("out"));
   m.def("cpu_capability", &facd::cpu_capability, "the instruction set the kernels run with");
-  m.def("release_workspace", &facd::release_workspace,
-        "free the packing memory the kernels keep between calls (about 2-3 B*C*H*W float32 of the largest call)");
   m.def("set_cpu_capability", &facd::set_cpu_capability, "force 'default', 'avx2' or 'avx512', or 'auto'",
         py::arg("name"));
 }

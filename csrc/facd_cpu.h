@@ -49,18 +49,6 @@ struct FeatureRows {
   }
 };
 
-// The student or teacher repacked tile by tile: values (B, tiles, row_length),
-// each tile's (C, positions) block contiguous and normalised as the problem
-// says; norms (B, tiles, positions_per_tile), the clamped channel norms
-// (normalize="channel" only). Packing reads the source in its own order, page
-// after page; gathering a tile straight from an NCHW tensor reads C short runs
-// from C pages, and the page walks then dominate. Element type: float32, or
-// float64 for float64 inputs.
-struct PackedRows {
-  void* values = nullptr;  // nullptr: not packed, blocks are gathered from the source
-  void* norms = nullptr;
-};
-
 // One distance computation. The position space (H*W) is cut into tiles of
 // `positions_per_tile` consecutive positions, and the tiles into blocks of
 // `tiles_per_block`; a tile's work depends only on its index, so any split of
@@ -71,7 +59,6 @@ struct PackedRows {
 // (student i against teacher i, then negatives[i, 0..K-1]: 1 x (1+K) pairs).
 struct DistanceProblem {
   FeatureRows student, teacher, negatives;
-  PackedRows packed_student, packed_teacher;  // explicit negatives are always gathered
   int64_t batch = 0, channels = 0, height = 0, width = 0;
   int64_t negatives_per_patch = 0;  // K; 0 means in-batch negatives
   Distance distance = Distance::L1;
@@ -88,12 +75,8 @@ struct DistanceProblem {
 };
 
 // Where the gradients go; an absent (data == nullptr) output is not computed.
-// The student's and teacher's gradients may instead go to packed buffers
-// (layout of PackedRows::values), written out afterwards by unpack_rows.
 struct GradientOutputs {
   FeatureRows student, teacher, negatives;
-  void* packed_student = nullptr;
-  void* packed_teacher = nullptr;
 };
 
 // The kernels of one instruction set. Each processes blocks [block_begin, block_end).
@@ -108,12 +91,6 @@ struct KernelTable {
   // gradient of every element of the blocks' positions in each present output.
   void (*distance_gradients)(const DistanceProblem&, const double* weights, const GradientOutputs&,
                              int64_t block_begin, int64_t block_end);
-  // Packs (and normalises) rows [row_begin, row_end) of source.
-  void (*pack_rows)(const DistanceProblem&, const FeatureRows& source, const PackedRows& packed, int64_t row_begin,
-                    int64_t row_end);
-  // Writes rows [row_begin, row_end) of a packed gradient to destination.
-  void (*unpack_rows)(const DistanceProblem&, const void* packed, const FeatureRows& destination, int64_t row_begin,
-                      int64_t row_end);
 };
 
 // nullptr where the instruction set is not compiled in (non-x86, non-GCC-compatible compiler).

@@ -4,29 +4,25 @@
 // CPU_CAPABILITY_* macro before including this file, as ATen's own kernels do,
 // and gets facd::<CPU_CAPABILITY>::kernel_table().
 //
-// Algorithm. The student and the teacher are first packed (host code,
-// pack_rows): read in their own order and rewritten tile by tile, each tile's
-// (C, positions) block contiguous and normalised, into a workspace reused from
-// call to call. The positions (H*W) are cut into tiles, the tiles into blocks
+// Algorithm. The positions (H*W) are cut into tiles, the tiles into blocks
 // (DistanceProblem); threads take whole blocks. Per block and group of rows:
-//   1. rows that are not packed (explicit negatives) are gathered for the
-//      block's positions from their strided, any-dtype source into a float32
-//      (float64 for double inputs) staging buffer, one zero-padded tile after
-//      the other, and normalised;
+//   1. every row of the group is gathered for the block's positions from its
+//      strided, any-dtype source into a float32 (float64 for double inputs)
+//      staging buffer, one zero-padded tile after the other, and normalised;
 //   2. per tile, forward: sum psi(x - y) over the tile for every pair of the
 //      group, with 4 x 2 register blocking (each loaded vector serves 2 or 4
 //      pairs), into that tile's row of float64 partial sums;
 //      backward: g_x = sum_y w[x, y] psi'(x - y) with 4-row register blocking,
-//      then the chain rule through the normalisation, into the packed gradient
-//      (student, teacher; written out afterwards by unpack_rows) or a staging
-//      buffer scattered to the strided output (negatives).
-// Extra memory: the workspace, two packed B*C*H*W stacks (float32, or float64
-// for double inputs) plus one per student/teacher gradient in the backward,
-// kept for the next call (release_workspace frees it); per thread, the staged
-// block of one group's gathered rows (2+K rows of about 128 * C elements for
-// explicit negatives); per call, the (tiles, pairs) float64 partial sums of the
-// forward. Nothing of size B*B*C*H*W or B*K*C*H*W exists; the forward keeps
-// nothing for the backward.
+//      then the chain rule through the normalisation, into a staging buffer
+//      scattered straight to the strided output.
+// Extra memory: per thread, the staged block of one group's gathered rows
+// (2B rows of about 128 * C elements for in-batch negatives, 2+K rows for
+// explicit ones) and of its gradients; per call, the (tiles, pairs) float64
+// partial sums of the forward. Nothing of size B*C*H*W or more exists besides
+// the inputs and the gradient outputs (an earlier version repacked the student
+// and teacher into a B*C*H*W workspace first: no faster once the gradients
+// were scattered straight from the staged block, and 2-3x the memory); the
+// forward keeps nothing for the backward.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -338,17 +334,12 @@ class GroupBlock {
   explicit GroupBlock(const DistanceProblem& problem)
       : problem_(problem),
         sources_{&problem.student, &problem.teacher, &problem.negatives},
-        packed_{&problem.packed_student, &problem.packed_teacher, nullptr},
         offsets_(3 * block_positions()) {
     const int64_t rows = problem.group_students() + problem.group_targets();
-    if (!is_packed(kStudent) || !is_packed(kTeacher) || !problem.in_batch()) {
-      values_.resize(rows * problem.tiles_per_block * problem.row_length);
-      norms_.resize(rows * problem.tiles_per_block * problem.positions_per_tile);
-    }
+    values_.resize(rows * problem.tiles_per_block * problem.row_length);
+    norms_.resize(rows * problem.tiles_per_block * problem.positions_per_tile);
     pointers_.resize(rows);
   }
-
-  bool is_packed(Source source) const { return packed_[source] != nullptr && packed_[source]->values != nullptr; }
 
   int64_t first_tile() const { return first_tile_; }
   int64_t tiles() const { return tiles_; }
@@ -363,7 +354,7 @@ class GroupBlock {
     first_position_ = first_tile_ * problem_.positions_per_tile;
     count_ = std::min(tiles_ * problem_.positions_per_tile, problem_.height * problem_.width - first_position_);
     for (int source = 0; source < 3; ++source)
-      if (sources_[source]->data != nullptr && !is_packed(static_cast<Source>(source)))
+      if (sources_[source]->data != nullptr)
         block_offsets(*sources_[source], offsets_.data() + source * block_positions());
   }
 
@@ -382,14 +373,13 @@ class GroupBlock {
     return {kNegatives, group * problem_.negatives_per_patch + target - 1};
   }
 
-  // Gathers (and normalises) the block of every row of `group` that is not packed.
+  // Gathers (and normalises) the block of every row of `group`.
   void load_group(int64_t group) {
     group_ = group;
     const int64_t rows = problem_.group_students() + problem_.group_targets();
     const int64_t positions = problem_.positions_per_tile;
     for (int64_t index = 0; index < rows; ++index) {
       const RowRef ref = row(group, index);
-      if (is_packed(ref.source)) continue;
       const FeatureRows& source = *sources_[ref.source];
       T* staged = values_.data() + index * problem_.row_length;
       with_typed_data(source, [&](auto* data) {
@@ -406,22 +396,11 @@ class GroupBlock {
   // The loaded group's rows at tile `tile` of the block, students first.
   const T* const* pointers(int64_t tile) {
     const int64_t rows = static_cast<int64_t>(pointers_.size());
-    for (int64_t index = 0; index < rows; ++index) {
-      const RowRef ref = row(group_, index);
-      pointers_[index] = is_packed(ref.source)
-                             ? static_cast<const T*>(packed_[ref.source]->values) + packed_tile(ref.row, tile) * problem_.row_length
-                             : values_.data() + (tile * rows + index) * problem_.row_length;
-    }
+    for (int64_t index = 0; index < rows; ++index)
+      pointers_[index] = values_.data() + (tile * rows + index) * problem_.row_length;
     return pointers_.data();
   }
-  const T* norms(int64_t index, int64_t tile) {
-    const RowRef ref = row(group_, index);
-    if (is_packed(ref.source))
-      return static_cast<const T*>(packed_[ref.source]->norms) + packed_tile(ref.row, tile) * problem_.positions_per_tile;
-    return norm_pointer(index, tile);
-  }
-  // Index of tile `tile` of the block of packed row `row` (PackedRows layout).
-  int64_t packed_tile(int64_t row, int64_t tile) const { return row * problem_.tiles + first_tile_ + tile; }
+  const T* norms(int64_t index, int64_t tile) { return norm_pointer(index, tile); }
 
  private:
   int64_t block_positions() const { return problem_.tiles_per_block * problem_.positions_per_tile; }
@@ -431,49 +410,11 @@ class GroupBlock {
 
   const DistanceProblem& problem_;
   const FeatureRows* sources_[3];
-  const PackedRows* packed_[3];
   std::vector<int64_t> offsets_;
   std::vector<T> values_, norms_;
   std::vector<const T*> pointers_;
   int64_t group_ = 0, first_tile_ = 0, tiles_ = 0, first_position_ = 0, count_ = 0;
 };
-
-// Packs rows of a (rows, C, H, W) source (PackedRows layout): one block
-// spanning the whole row, so each channel is read in one run.
-template <typename T>
-void pack_rows_impl(const DistanceProblem& problem, const FeatureRows& source, const PackedRows& packed,
-                    int64_t row_begin, int64_t row_end) {
-  const int64_t positions = problem.height * problem.width, per_tile = problem.positions_per_tile;
-  const BlockLayout layout{problem.channels, per_tile, problem.row_length, problem.row_length, positions};
-  std::vector<int64_t> offsets(positions);
-  position_offsets(source, problem.width, 0, positions, offsets.data());
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    T* out = static_cast<T*>(packed.values) + row * problem.tiles * problem.row_length;
-    with_typed_data(source, [&](auto* data) {
-      gather_block(data + source.row_offset(row), source.stride_c, offsets.data(), layout, out);
-    });
-    if (problem.normalize)
-      for (int64_t tile = 0; tile < problem.tiles; ++tile)
-        normalize_row(out + tile * problem.row_length, problem.channels, per_tile,
-                      static_cast<T*>(packed.norms) + (row * problem.tiles + tile) * per_tile);
-  }
-}
-
-template <typename T>
-void unpack_rows_impl(const DistanceProblem& problem, const void* packed, const FeatureRows& destination,
-                      int64_t row_begin, int64_t row_end) {
-  const int64_t positions = problem.height * problem.width;
-  const BlockLayout layout{problem.channels, problem.positions_per_tile, problem.row_length, problem.row_length,
-                           positions};
-  std::vector<int64_t> offsets(positions);
-  position_offsets(destination, problem.width, 0, positions, offsets.data());
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const T* in = static_cast<const T*>(packed) + row * problem.tiles * problem.row_length;
-    with_typed_data(destination, [&](auto* data) {
-      scatter_block(in, layout, destination.stride_c, offsets.data(), data + destination.row_offset(row));
-    });
-  }
-}
 
 // ---------------------------------------------------------------------------
 // Entry points.
@@ -505,7 +446,6 @@ void side_gradients(const DistanceProblem& problem, GroupBlock<T>& rows, int64_t
   const int64_t n = static_cast<int64_t>(subjects.size());
   if (n == 0) return;
   const int64_t length = problem.row_length;
-  void* packed_outputs[3] = {outputs.packed_student, outputs.packed_teacher, nullptr};
   grads.resize(problem.tiles_per_block * n * length);  // staged like the inputs: tile-major
   std::vector<const T*> x(n);
   std::vector<T*> g(n);
@@ -513,10 +453,7 @@ void side_gradients(const DistanceProblem& problem, GroupBlock<T>& rows, int64_t
     const T* const* tile_rows = rows.pointers(tile);
     for (int64_t s = 0; s < n; ++s) {
       x[s] = tile_rows[subjects[s]];
-      const RowRef ref = rows.row(group, subjects[s]);
-      g[s] = packed_outputs[ref.source] != nullptr
-                 ? static_cast<T*>(packed_outputs[ref.source]) + rows.packed_tile(ref.row, tile) * length
-                 : grads.data() + (tile * n + s) * length;
+      g[s] = grads.data() + (tile * n + s) * length;
     }
     weighted_slopes<T, D>(x.data(), n, tile_rows + others_first, n_others, weights, length, g.data());
     if (problem.normalize)
@@ -527,7 +464,6 @@ void side_gradients(const DistanceProblem& problem, GroupBlock<T>& rows, int64_t
   const FeatureRows* destinations[3] = {&outputs.student, &outputs.teacher, &outputs.negatives};
   for (int64_t s = 0; s < n; ++s) {
     const RowRef ref = rows.row(group, subjects[s]);
-    if (packed_outputs[ref.source] != nullptr) continue;  // written out by unpack_rows
     const FeatureRows& out = *destinations[ref.source];
     rows.block_offsets(out, out_offsets.data());
     with_typed_data(out, [&](auto* data) {
@@ -592,21 +528,8 @@ inline void distance_gradients(const DistanceProblem& problem, const double* wei
   }
 }
 
-inline void pack_rows(const DistanceProblem& problem, const FeatureRows& source, const PackedRows& packed,
-                      int64_t row_begin, int64_t row_end) {
-  (problem.compute_in_double ? pack_rows_impl<double> : pack_rows_impl<float>)(problem, source, packed, row_begin,
-                                                                              row_end);
-}
-
-inline void unpack_rows(const DistanceProblem& problem, const void* packed, const FeatureRows& destination,
-                        int64_t row_begin, int64_t row_end) {
-  (problem.compute_in_double ? unpack_rows_impl<double> : unpack_rows_impl<float>)(problem, packed, destination,
-                                                                                  row_begin, row_end);
-}
-
 inline const KernelTable* kernel_table() {
-  static const KernelTable table{FACD_STRINGIFY(CPU_CAPABILITY), &distance_sums, &distance_gradients, &pack_rows,
-                                 &unpack_rows};
+  static const KernelTable table{FACD_STRINGIFY(CPU_CAPABILITY), &distance_sums, &distance_gradients};
   return &table;
 }
 

@@ -17,8 +17,7 @@ speedups of the fused kernel.
 
 Peak memory: on CPU the growth of the resident set during one call (Linux
 VmHWM after resetting it through /proc/self/clear_refs, with freed heap
-returned to the system first and the fused kernels' reusable workspace
-released, so every provider pays for what it allocates); on CUDA
+returned to the system first, so every provider pays for what it allocates); on CUDA
 ``torch.cuda.max_memory_allocated`` above the inputs.
 
     python -m facd_fast.bench                      # everything (CPU: about 10 minutes)
@@ -214,13 +213,6 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def release_fused_workspace(device: torch.device) -> None:
-    if device.type == "cpu":
-        from facd_fast.backends import cpp
-
-        cpp.load_extension().release_workspace()
-
-
 def measure(case: Case, provider: str, device: torch.device, min_reps: int, max_reps: int,
             budget_s: float, bandwidth: Optional[float]) -> Dict[str, object]:
     row: Dict[str, object] = {"kernel": "facd_contrastive_loss", "provider": provider, "mode": case.mode,
@@ -241,7 +233,6 @@ def measure(case: Case, provider: str, device: torch.device, min_reps: int, max_
         row["roofline_floor"] = roofline_floor_ms(case, bandwidth, device)
     else:
         p20, p50, p80 = quantiles(time_cpu(step, min_reps, max_reps, budget_s))
-        release_fused_workspace(device)
         peak = peak_rss_mb(step)
     row.update(p20=p20, p50=p50, p80=p80, peak_mem=peak, note="")
     return row
