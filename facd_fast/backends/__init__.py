@@ -141,12 +141,15 @@ def available_backends() -> List[str]:
 _warned_fallback: set = set()
 
 
-def resolve(backend: str, device: torch.device) -> Tuple[str, BackendOps]:
-    """The backend that will run for a tensor on ``device``: ``(name, ops)``.
+@torch._dynamo.assume_constant_result
+def resolve_name(backend: str, device_type: str) -> str:
+    """The name of the backend that will run for tensors of ``device_type``, loading it if needed.
 
     ``backend`` is a name from :func:`backend_names`; already validated.
+    Under ``torch.compile`` this runs once, eagerly, while tracing (loading a
+    backend builds an extension and registers custom ops, which cannot be
+    traced), and its answer is a constant of the compiled graph.
     """
-    _import_fused_modules()
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto").strip() or "auto"
         if backend != "auto" and backend not in _REGISTRY:
@@ -155,26 +158,33 @@ def resolve(backend: str, device: torch.device) -> Tuple[str, BackendOps]:
             )
     if backend != "auto":
         chosen = _REGISTRY[backend]
-        if not chosen.serves(device.type):
+        if not chosen.serves(device_type):
             raise ValueError(
                 f"backend={backend!r} runs on {', '.join(chosen.device_types)} tensors, "
-                f"but the inputs are on {device}"
+                f"but the inputs are on {device_type}"
             )
-        return backend, _load(backend)
+        _load(backend)
+        return backend
     candidates = sorted(
-        (b for b in _REGISTRY.values() if b.serves(device.type)),
+        (b for b in _REGISTRY.values() if b.serves(device_type)),
         key=lambda b: -b.priority,
     )
     for candidate in candidates:
         try:
-            return candidate.name, _load(candidate.name)
+            _load(candidate.name)
+            return candidate.name
         except BackendUnavailable as error:
             if candidate.name not in _warned_fallback:
                 _warned_fallback.add(candidate.name)
-                warnings.warn(f"{error}; falling back to a slower backend", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"{error}; falling back to a slower backend", RuntimeWarning, stacklevel=4)
     raise AssertionError("the reference backend serves every device")  # unreachable
 
 
-# Registered at import (cheap: a fused backend loads its kernels on first use),
-# so that even a first call under torch.compile finds every backend.
+def resolve(backend: str, device: torch.device) -> Tuple[str, BackendOps]:
+    """The backend that will run for a tensor on ``device``: ``(name, ops)``."""
+    name = resolve_name(backend, device.type)
+    return name, _LOADED[name]
+
+
+# Registered at import (cheap: a fused backend loads its kernels on first use).
 _import_fused_modules()
