@@ -19,11 +19,12 @@ constexpr int64_t kTileElements = 1024;
 constexpr int64_t kMinTilePositions = 16;
 
 // A thread gathers the tiles of about this many consecutive positions at once
-// (a block): it then reads each channel of a source in runs of 512 bytes or
-// more, which the hardware prefetchers stream, instead of C runs of 64 bytes
-// from C different pages per tile, which made a per-tile gather from NCHW
-// tensors memory-latency bound.
-constexpr int64_t kBlockPositions = 128;
+// (a block): it then reads each channel of a source in runs of 256 bytes or
+// more (float32), with software prefetch, instead of C runs of 64 bytes from C
+// different pages per tile, which made a per-tile gather from NCHW tensors
+// memory-latency bound. 128 positions were no faster (EDSR and RCAN taps) and
+// doubled the per-thread staging memory (2B rows x C x block positions).
+constexpr int64_t kBlockPositions = 64;
 
 // Tile rows are zero-padded to a multiple of this many elements, the widest
 // vector (AVX-512, 16 floats): padded elements are 0 in every row, so they add
