@@ -188,9 +188,9 @@ def test_every_output_element_is_written(layout):
     assert_close_relative(mse, reference.patch_mse(*[x.double() for x in images]))
 
 
-def test_reused_workspace_leaves_nothing_behind():
-    """The packing workspace is reused between calls: NaNs left there by a larger
-    call must not reach a smaller one with partial tiles and padding."""
+def test_a_larger_call_leaves_nothing_behind():
+    """Staging buffers come from the heap and may hold what an earlier, larger call
+    left there: its NaNs must not reach a smaller call with partial tiles and padding."""
     poison = torch.full((4, 64, 9, 9), float("nan"))
     grad = torch.empty_like(poison)
     EXT.feature_distances_backward_out(torch.ones(4), torch.ones(4), poison, poison, None, "l1", "channel",
