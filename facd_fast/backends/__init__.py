@@ -141,7 +141,7 @@ def available_backends() -> List[str]:
 _warned_fallback: set = set()
 
 
-@torch._dynamo.assume_constant_result
+@torch.compiler.assume_constant_result
 def resolve_name(backend: str, device_type: str) -> str:
     """The name of the backend that will run for tensors of ``device_type``, loading it if needed.
 
