@@ -8,6 +8,8 @@ against the frozen ``model.teacher`` with the objective of
 """
 from __future__ import annotations
 
+import gc
+
 import os
 import random
 import time
@@ -462,6 +464,12 @@ class Trainer:
             self.log.write("end", self.step, summary)
         self.log.close()
         if self.group.distributed:
+            # The DDP wrapper holds the process group: drop it so that the group is torn
+            # down here, with every rank present (the barrier), and not by the garbage
+            # collector after a peer has exited, where gloo's teardown can wait forever.
+            self.model = self.trained
+            gc.collect()
+            dist.barrier()
             dist.destroy_process_group()
         return summary
 
