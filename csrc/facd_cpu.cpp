@@ -76,35 +76,28 @@ void check_cpu(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got one on ", x.device());
 }
 
-// (B, C, H, W) -> rows b.
-FeatureRows feature_rows(const at::Tensor& x, const char* name) {
+// (B, C, H, W) -> rows b; with `grouped`, (B, K, C, H, W) -> rows b * K + k.
+FeatureRows rows_of(const at::Tensor& x, const char* name, bool grouped) {
   check_cpu(x, name);
-  TORCH_CHECK(x.dim() == 4, name, " must have shape (B, C, H, W), got ", x.sizes());
+  const int64_t lead = grouped ? 2 : 1;
+  TORCH_CHECK(x.dim() == lead + 3, name, " must have shape ", grouped ? "(B, K, C, H, W)" : "(B, C, H, W)",
+              ", got ", x.sizes());
   FeatureRows rows;
   rows.data = x.data_ptr();
   rows.kind = scalar_kind(x, name);
   rows.stride_outer = x.stride(0);
-  rows.stride_c = x.stride(1);
-  rows.stride_h = x.stride(2);
-  rows.stride_w = x.stride(3);
+  if (grouped) {
+    rows.rows_inner = x.size(1);
+    rows.stride_inner = x.stride(1);
+  }
+  rows.stride_c = x.stride(lead);
+  rows.stride_h = x.stride(lead + 1);
+  rows.stride_w = x.stride(lead + 2);
   return rows;
 }
 
-// (B, K, C, H, W) -> rows b * K + k.
-FeatureRows negative_rows(const at::Tensor& x, const char* name) {
-  check_cpu(x, name);
-  TORCH_CHECK(x.dim() == 5, name, " must have shape (B, K, C, H, W), got ", x.sizes());
-  FeatureRows rows;
-  rows.data = x.data_ptr();
-  rows.kind = scalar_kind(x, name);
-  rows.rows_inner = x.size(1);
-  rows.stride_outer = x.stride(0);
-  rows.stride_inner = x.stride(1);
-  rows.stride_c = x.stride(2);
-  rows.stride_h = x.stride(3);
-  rows.stride_w = x.stride(4);
-  return rows;
-}
+FeatureRows feature_rows(const at::Tensor& x, const char* name) { return rows_of(x, name, false); }
+FeatureRows negative_rows(const at::Tensor& x, const char* name) { return rows_of(x, name, true); }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
