@@ -121,7 +121,7 @@ def test_export_then_import_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("preset, scale, to_foreign", [
-    ("edsr-teacher", 4, _to_edsr_pytorch), ("edsr-baseline", 3, _to_edsr_pytorch),
+    ("edsr-teacher", 4, _to_edsr_pytorch), ("edsr-student", 3, _to_edsr_pytorch),
     ("rcan-teacher", 2, _to_official_rcan), ("rcan-student", 4, _to_official_rcan),
 ])
 def test_infer_architecture_of_full_size_foreign_checkpoints(preset, scale, to_foreign):
@@ -131,7 +131,22 @@ def test_infer_architecture_of_full_size_foreign_checkpoints(preset, scale, to_f
     shape_keys = ("arch", "scale", "num_feat", "num_block", "num_group", "reduction", "num_in_ch", "num_out_ch")
     assert {k: config.get(k) for k in shape_keys} == {k: model.config().get(k) for k in shape_keys}
     assert config["res_scale"] == model.res_scale  # 0.1 for the EDSR teacher: not in the weights, from its preset
-    assert config["preset"] in (preset, "edsr-student")  # edsr-student and edsr-baseline share a shape
+    assert config["preset"] == preset
+
+
+def test_files_recording_the_former_edsr_baseline_preset_still_load(tmp_path):
+    torch.manual_seed(7)
+    source = build("edsr-student", 2)
+    path = save_checkpoint_basicsr(source, tmp_path / "old.pth")
+    state = torch.load(path, weights_only=True)
+    state["facd_fast"]["config"]["preset"] = "edsr-baseline"  # as written before the preset was merged
+    torch.save(state, path)
+    rebuilt = model_from_checkpoint(path)
+    assert rebuilt.preset == "edsr-student" and rebuilt.config() == source.config()
+    _same_outputs(source, rebuilt)
+    assert model_from_checkpoint(path, preset="edsr-student", scale=2).config() == source.config()
+    with pytest.raises(ValueError, match="'edsr-baseline' is now 'edsr-student'"):
+        build("edsr-baseline", 2)
 
 
 def test_preset_argument_builds_that_preset(tmp_path):

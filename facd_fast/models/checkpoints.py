@@ -186,13 +186,23 @@ def load_pretrained(model: nn.Module, path_or_state_dict, strict: bool = True,
     return {"missing": sorted(result.missing_keys), "unexpected": sorted(set(state) - set(fitting))}
 
 
+def model_meta(model: nn.Module) -> dict:
+    """Our architecture record of a network: ``{"arch", "config", "scale"}`` (enough to rebuild it)."""
+    return {"arch": model.arch, "config": model.config(), "scale": model.scale}
+
+
+def model_file_dict(weights: Mapping[str, Tensor], meta: dict) -> dict:
+    """The in-memory form of an exported model file: BasicSR ``params`` plus our architecture record."""
+    return {"params": weights, METADATA_KEY: meta}
+
+
 def save_checkpoint_basicsr(model: nn.Module, path) -> Path:
     """Write ``{"params": state_dict, "facd_fast": {"arch", "config", "scale"}}`` atomically."""
     model = _bare_network(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"params": {key: value.detach().cpu() for key, value in model.state_dict().items()},
-               METADATA_KEY: {"arch": model.arch, "config": model.config(), "scale": model.scale}}
+    payload = model_file_dict({key: value.detach().cpu() for key, value in model.state_dict().items()},
+                              model_meta(model))
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
