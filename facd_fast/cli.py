@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="output .pth path")
     export.add_argument("--ema", action="store_true", help="export the EMA weights")
 
-    bench = commands.add_parser("bench", help="the kernel benchmark (facd_fast.bench) and the training-step benchmark")
+    bench = commands.add_parser("bench", help="the kernel and training-step benchmarks (facd_fast.bench)")
     bench.add_argument("--out", default="bench/results", help="results folder (CSV files)")
     bench.add_argument("--shapes", choices=("small", "paper", "all"), default=None,
                        help="training-step shapes; default: small on CPU, all on CUDA")
@@ -114,13 +114,13 @@ def _run_export(args) -> int:
 
 
 def _run_bench(args) -> int:
-    from .train.step_bench import run_step_benchmark
+    from .bench.train_step import run_step_benchmark
 
     if not args.skip_kernels:
-        from . import bench
+        from .bench import kernels
 
-        print("[bench] kernels (facd_fast.bench)", flush=True)
-        bench.run(out_dir=args.out, device=args.device)
+        print("[bench] kernels (facd_fast.bench.kernels)", flush=True)
+        kernels.run(out_dir=args.out, device=args.device)
     print("[bench] training step", flush=True)
     run_step_benchmark(out_dir=args.out, shapes=args.shapes, steps=args.steps, device=args.device)
     return 0

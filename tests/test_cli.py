@@ -7,7 +7,7 @@ import torch
 
 from facd_fast import data, metrics, models
 from facd_fast.cli import main
-from facd_fast.train.checkpoint import load_training_state
+from facd_fast.train.training_state import load_training_state
 from train_fixtures import run_facd, tiny_config, write_images
 
 
@@ -154,12 +154,11 @@ def test_bf16_channels_last_distillation_runs_every_baseline(trained_run, method
 def test_bench_runs_the_kernel_benchmark_then_the_training_step(monkeypatch, tmp_path):
     import csv
 
-    from facd_fast import bench
-    from facd_fast.train import step_bench
+    from facd_fast.bench import kernels, train_step
 
     calls = []
-    monkeypatch.setattr(bench, "run", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setitem(step_bench.CASES, "small", [step_bench.StepCase("tiny", "edsr-demo-student",
+    monkeypatch.setattr(kernels, "run", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setitem(train_step.CASES, "small", [train_step.StepCase("tiny", "edsr-demo-student",
                                                                          "edsr-demo-teacher", 2, 2, 6)])
     assert main(["bench", "--out", str(tmp_path), "--steps", "1", "--device", "cpu"]) == 0
     assert calls == [{"out_dir": str(tmp_path), "device": "cpu"}]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from facd_fast import reference
-from facd_fast.train.checkpoint import atomic_torch_save, load_training_state
+from facd_fast.train.training_state import atomic_torch_save, load_training_state
 from facd_fast.train.ema import ModelEMA
 from facd_fast.train.feature_losses import affinity_distance, feature_distance, spatial_affinity
 from facd_fast.train.objective import DistillationObjective, mask_enabled
@@ -92,7 +92,7 @@ def test_baseline_objective_matches_its_formula(method, use_mask):
         if method == "fakd":
             per_patch = (spatial_affinity(s) - spatial_affinity(t)).abs().mean(dim=(1, 2))
         else:
-            per_patch = feature_distance(s, t, method[-2:], "channel")
+            per_patch = feature_distance(s, t, {"fd-l1": "l1", "fd-l2": "l2"}[method], "channel")
         feature = feature + w * (per_patch * mask).sum() / 4
     expected = (0.7 * F.l1_loss(sr_student.float(), hr.float()) + 0.3 * (per_patch_teacher * mask.float()).sum() / 4
                 + 0.7 * feature.float())
@@ -208,7 +208,7 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
 
 
 def test_step_benchmark_times_a_step_and_the_loss_share():
-    from facd_fast.train.step_bench import FIELDS, StepCase, benchmark_case
+    from facd_fast.bench.train_step import FIELDS, StepCase, benchmark_case
 
     case = StepCase("tiny", "edsr-demo-student", "edsr-demo-teacher", 2, 2, 6)
     row = benchmark_case(case, "reference", steps=1, device=torch.device("cpu"), amp="off")

@@ -26,8 +26,9 @@ import torch
 from .. import models
 from ..backends import resolve
 from ..module import FACDLoss
-from .objective import DistillationObjective
-from .trainer import StudentWithAdapters, _autocast
+from ..train.objective import DistillationObjective
+from ..train.precision import autocast_for
+from ..train.student import StudentWithAdapters
 
 
 @dataclass(frozen=True)
@@ -79,17 +80,18 @@ def benchmark_case(case: StepCase, backend: str, steps: int, device: torch.devic
     student = models.build(case.student, case.scale)
     teacher = models.build(case.teacher, case.scale).to(device).eval().requires_grad_(False)
     adapters = models.DRAdapters(student.num_feat, teacher.num_feat, num_taps=len(student.taps))
-    trained = StudentWithAdapters(student, adapters, with_features=True).to(device).to(memory_format=torch.channels_last)
+    student_with_adapters = StudentWithAdapters(student, adapters, with_features=True)
+    student_with_adapters.to(device).to(memory_format=torch.channels_last)
     teacher.to(memory_format=torch.channels_last)
     objective = DistillationObjective("facd", use_mask=True, backend=backend)
-    optimizer = torch.optim.Adam(trained.parameters(), lr=1e-4)
+    optimizer = torch.optim.Adam(student_with_adapters.parameters(), lr=1e-4)
     hr_patch = case.lr_patch * case.scale
     lr = torch.rand(case.batch, 3, case.lr_patch, case.lr_patch, device=device).contiguous(memory_format=torch.channels_last)
     hr = torch.rand(case.batch, 3, hr_patch, hr_patch, device=device)
 
     def step() -> None:
-        with _autocast(device, amp):
-            sr, features = trained(lr)
+        with autocast_for(device, amp):
+            sr, features = student_with_adapters(lr)
             with torch.no_grad():
                 sr_teacher, teacher_features = teacher(lr, return_features=True)
             loss, _ = objective(sr, features, sr_teacher, teacher_features, hr)
@@ -99,9 +101,9 @@ def benchmark_case(case: StepCase, backend: str, steps: int, device: torch.devic
 
     step_ms = _timed(step, steps, device)
 
-    with torch.no_grad(), _autocast(device, amp):
+    with torch.no_grad(), autocast_for(device, amp):
         sr_teacher, teacher_features = teacher(lr, return_features=True)
-        sr_student, student_features = trained(lr)
+        sr_student, student_features = student_with_adapters(lr)
     leaves = [f.detach().requires_grad_(True) for f in student_features]
     facd = FACDLoss(objective.tap_weights, use_mask=True, backend=backend)
 

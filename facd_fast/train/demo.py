@@ -22,7 +22,8 @@ from .. import models
 from .config import Config, load_config
 from .evaluate import evaluate, open_benchmark
 from .plots import plot_comparison, plot_curves, super_resolve
-from .trainer import Trainer, resolve_data_dirs
+from .data_folders import resolve_data_dirs
+from .trainer import Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.toml"

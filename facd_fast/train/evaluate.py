@@ -9,8 +9,7 @@ from torch import nn
 
 from .. import data as sr_data
 from .. import metrics, models
-from .checkpoint import TRAINING_STATE_KEY
-from .trainer import model_file_dict
+from .training_state import TRAINING_STATE_KEY
 
 
 def load_model(path: str | Path, *, preset: Optional[str] = None, scale: Optional[int] = None, ema: bool = False) -> nn.Module:
@@ -29,7 +28,7 @@ def load_model(path: str | Path, *, preset: Optional[str] = None, scale: Optiona
     if isinstance(state, dict) and state.get(TRAINING_STATE_KEY):
         if ema and state["ema"] is None:
             raise ValueError(f"{str(path)!r} holds no EMA weights (the run had train.ema_decay = 0)")
-        state = model_file_dict(state["ema"] if ema else state["model"], state["model_meta"])
+        state = models.model_file_dict(state["ema"] if ema else state["model"], state["model_meta"])
     elif ema:
         raise ValueError(f"--ema needs a trainer checkpoint, {str(path)!r} is a model file")
     return models.model_from_checkpoint(state, preset=preset, scale=scale)

@@ -9,15 +9,10 @@ against the frozen ``model.teacher`` with the objective of
 from __future__ import annotations
 
 import gc
-
-import os
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -25,120 +20,23 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import data as sr_data
 from .. import metrics, models
-from .checkpoint import TRAINING_STATE_KEY, atomic_torch_save, load_training_state, restore_rng_states, rng_states
 from .config import Config, ConfigError, dump_config
+from .data_folders import check_folder, resolve_data_dirs
+from .distributed import init_process_group, replica_max_abs_diff
 from .ema import ModelEMA
 from .objective import ADAPTED_METHODS, DistillationObjective, mask_enabled
+from .precision import autocast_for
 from .run_log import RunLog
+from .seeding import seed_everything, seed_worker, set_determinism
+from .student import StudentWithAdapters
+from .training_state import TRAINING_STATE_KEY, atomic_torch_save, load_training_state, restore_rng_states, rng_states
 
 CHECKPOINT_NAME = "last.pt"
-
-
-@dataclass(frozen=True)
-class ProcessGroup:
-    """This process's place in a (possibly single-process) run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_process_group(device_setting: str) -> Tuple[ProcessGroup, torch.device]:
-    """Join the torchrun job described by the environment (if any) and pick this process's device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    group = ProcessGroup(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    if device_setting == "auto":
-        device_setting = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_setting)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", group.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if group.distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return group, device
-
-
-def resolve_data_dirs(config: Config) -> Tuple[str, str]:
-    """(train HR folder, validation folder), writing the built-in photos when a folder is "builtin"."""
-    data_config = config["data"]
-    train_dir, val_dir = data_config["train_hr_dir"], data_config["val_hr_dir"]
-    if "builtin" in (train_dir, val_dir):
-        builtin_train, builtin_val = sr_data.write_builtin_photos(data_config["builtin_root"])
-        train_dir = str(builtin_train) if train_dir == "builtin" else train_dir
-        val_dir = str(builtin_val) if val_dir == "builtin" else val_dir
-    return train_dir, val_dir
-
-
-def _check_folder(name: str, path: str) -> None:
-    if not path:
-        raise ConfigError(f"{name} is not set: give a folder of images or \"builtin\"")
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"{name}: folder {path!r} does not exist")
-
-
-class StudentWithAdapters(nn.Module):
-    """The trained network plus, for the adapted methods, its DR adapters: what DDP wraps and the optimiser updates.
-
-    forward(lr (B, 3, h, w)) -> (sr, features): features are the tap features
-    (through DR when there are adapters), or None when no feature term is trained.
-    """
-
-    def __init__(self, network: nn.Module, adapters: Optional[nn.Module], with_features: bool) -> None:
-        super().__init__()
-        self.network = network
-        self.adapters = adapters
-        self.with_features = with_features
-
-    def forward(self, lr: Tensor) -> Tuple[Tensor, Optional[List[Tensor]]]:
-        if not self.with_features:
-            return self.network(lr), None
-        sr, features = self.network(lr, return_features=True)
-        if self.adapters is not None:
-            features = self.adapters(features)
-        return sr, features
-
-
-def _set_determinism(config: Config) -> None:
-    if config["run"]["threads"] > 0:
-        torch.set_num_threads(config["run"]["threads"])
-    if config["run"]["deterministic"]:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _autocast(device: torch.device, amp: str):
-    enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def _model_meta(model: nn.Module) -> Dict[str, Any]:
-    return {"arch": model.arch, "config": model.config(), "scale": model.scale}
-
-
-def model_file_dict(weights: Dict[str, Tensor], meta: Dict[str, Any]) -> Dict[str, Any]:
-    """The in-memory form of an exported model file: BasicSR ``params`` plus our architecture record."""
-    return {"params": weights, "facd_fast": meta}
 
 
 class Trainer:
@@ -149,6 +47,15 @@ class Trainer:
         mode: "teacher" (train ``model.teacher`` alone) or "distill"
             (train ``model.student`` with ``distill.method``).
         resume: continue from ``out_dir/checkpoints/last.pt`` when it exists.
+
+    The network being trained has one name per form: ``student`` (the bare
+    network, what is validated, checkpointed and exported; under
+    train-teacher it is ``model.teacher``, trained alone),
+    ``student_with_adapters`` (:class:`StudentWithAdapters`: the student plus
+    its DR adapters, what the optimiser updates) and ``train_module`` (what a
+    step calls: ``student_with_adapters``, wrapped in DDP under torchrun and
+    compiled with ``train.compile``). ``teacher`` is the frozen teacher of a
+    distillation run (None under train-teacher).
     """
 
     def __init__(self, config: Config, *, mode: str, resume: bool = False) -> None:
@@ -162,15 +69,15 @@ class Trainer:
         self.out_dir = Path(run["out_dir"]) / self.stage
         self.checkpoint_path = self.out_dir / "checkpoints" / CHECKPOINT_NAME
 
-        _set_determinism(config)
+        set_determinism(config)
         self.group, self.device = init_process_group(run["device"])
         # Rank 0 writes the built-in photos and the LR cache; the others wait, then read them.
         if not self.group.is_main:
             dist.barrier()
         self.train_dir, self.val_dir = resolve_data_dirs(config)
-        _check_folder("data.train_hr_dir", self.train_dir)
+        check_folder("data.train_hr_dir", self.train_dir)
         if self.val_dir:
-            _check_folder("data.val_hr_dir", self.val_dir)
+            check_folder("data.val_hr_dir", self.val_dir)
         self.dataset = sr_data.PairedFolderDataset(
             self.train_dir, model_config["scale"], config["data"]["patch_size"],
             lr_dir=config["data"]["train_lr_dir"] or None, cache_dir=config["data"]["cache_dir"] or None,
@@ -178,22 +85,25 @@ class Trainer:
         )
         if self.group.distributed and self.group.is_main:
             dist.barrier()
-        _seed_everything(run["seed"])
+        seed_everything(run["seed"])
 
         scale = model_config["scale"]
-        self.network = models.build(model_config["teacher" if mode == "teacher" else "student"], scale)
+        self.student = models.build(model_config["teacher" if mode == "teacher" else "student"], scale)
         self.teacher = self._load_teacher() if self.method != "none" else None
         adapters = None
         if self.method in ADAPTED_METHODS:
-            adapters = models.DRAdapters(self.network.num_feat, self.teacher.num_feat, num_taps=len(self.network.taps))
+            adapters = models.DRAdapters(self.student.num_feat, self.teacher.num_feat, num_taps=len(self.student.taps))
         self.objective = self._build_objective()
-        self.trained = StudentWithAdapters(self.network, adapters, with_features=self.method != "none").to(self.device)
+        self.student_with_adapters = StudentWithAdapters(
+            self.student, adapters, with_features=self.method != "none"
+        ).to(self.device)
         if train["channels_last"]:
-            self.trained.to(memory_format=torch.channels_last)
-        self.ema = ModelEMA(self.network, train["ema_decay"]) if train["ema_decay"] > 0 else None
+            self.student_with_adapters.to(memory_format=torch.channels_last)
+        self.ema = ModelEMA(self.student, train["ema_decay"]) if train["ema_decay"] > 0 else None
 
         self.optimizer = torch.optim.Adam(
-            self.trained.parameters(), lr=train["lr"], betas=tuple(train["betas"]), weight_decay=train["weight_decay"]
+            self.student_with_adapters.parameters(), lr=train["lr"], betas=tuple(train["betas"]),
+            weight_decay=train["weight_decay"],
         )
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=train["lr_step"], gamma=train["lr_gamma"])
 
@@ -206,7 +116,7 @@ class Trainer:
             self._load_state(load_training_state(self.checkpoint_path))
         # Each rank draws different crops and flips (a resume restores each rank's own RNG states).
         elif self.group.distributed:
-            _seed_everything(run["seed"] + self.group.rank)
+            seed_everything(run["seed"] + self.group.rank)
 
         per_step = train["batch_size"] * self.group.world_size
         if len(self.dataset) < per_step:
@@ -223,13 +133,13 @@ class Trainer:
             if self.val_dir else None
         )
 
-        self.model = self.trained
+        self.train_module = self.student_with_adapters
         if self.group.distributed:
-            self.model = nn.parallel.DistributedDataParallel(
-                self.trained, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            self.train_module = nn.parallel.DistributedDataParallel(
+                self.student_with_adapters, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         if train["compile"]:
-            self.model = torch.compile(self.model)
+            self.train_module = torch.compile(self.train_module)
             if self.teacher is not None:
                 self.teacher = torch.compile(self.teacher)
         self.log = RunLog(self.out_dir, enabled=self.group.is_main, tensorboard=train["tensorboard"])
@@ -252,12 +162,12 @@ class Trainer:
     def _build_objective(self) -> DistillationObjective:
         distill = self.config["distill"]
         tap_weights = distill["tap_weights"]
-        if self.method != "none" and len(tap_weights) != len(self.network.taps):
+        if self.method != "none" and len(tap_weights) != len(self.student.taps):
             raise ConfigError(
-                f"distill.tap_weights has {len(tap_weights)} weights, the student has {len(self.network.taps)} taps"
+                f"distill.tap_weights has {len(tap_weights)} weights, the student has {len(self.student.taps)} taps"
             )
-        if self.method != "none" and len(self.teacher.taps) != len(self.network.taps):
-            raise ConfigError(f"student and teacher must have as many taps, got {len(self.network.taps)} and {len(self.teacher.taps)}")
+        if self.method != "none" and len(self.teacher.taps) != len(self.student.taps):
+            raise ConfigError(f"student and teacher must have as many taps, got {len(self.student.taps)} and {len(self.teacher.taps)}")
         return DistillationObjective(
             self.method, alpha=distill["alpha"], feature_weight=distill["lambda"], tap_weights=tap_weights,
             use_mask=mask_enabled(self.method, distill["use_mask"]), margin_db=distill["margin_db"],
@@ -266,6 +176,7 @@ class Trainer:
 
     # --- state -----------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
+        adapters = self.student_with_adapters.adapters
         return {
             TRAINING_STATE_KEY: True,
             "mode": self.mode,
@@ -276,9 +187,9 @@ class Trainer:
             "batches_done_in_epoch": self.batches_done_in_epoch,
             "elapsed_s": self.elapsed_s,
             "last_val_psnr": self.last_val_psnr,
-            "model_meta": _model_meta(self.network),
-            "model": self.network.state_dict(),
-            "adapters": None if self.trained.adapters is None else self.trained.adapters.state_dict(),
+            "model_meta": models.model_meta(self.student),
+            "model": self.student.state_dict(),
+            "adapters": None if adapters is None else adapters.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
@@ -299,9 +210,9 @@ class Trainer:
                 f"{self.checkpoint_path} was written by a {state['mode']}/{state['method']} run, "
                 f"this is a {self.mode}/{self.method} run; use another run.out_dir"
             )
-        self.network.load_state_dict(state["model"])
-        if self.trained.adapters is not None:
-            self.trained.adapters.load_state_dict(state["adapters"])
+        self.student.load_state_dict(state["model"])
+        if self.student_with_adapters.adapters is not None:
+            self.student_with_adapters.adapters.load_state_dict(state["adapters"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
@@ -327,7 +238,7 @@ class Trainer:
     @property
     def eval_network(self) -> nn.Module:
         """The weights to validate and export: the EMA when there is one."""
-        return self.ema.shadow if self.ema is not None else self.network
+        return self.ema.shadow if self.ema is not None else self.student
 
     # --- data ------------------------------------------------------------------------------------
     def _epoch_batches(self):
@@ -337,7 +248,7 @@ class Trainer:
         loader = DataLoader(
             self.dataset, batch_size=self.config["train"]["batch_size"], sampler=indices, drop_last=True,
             num_workers=self.config["data"]["num_workers"], pin_memory=self.device.type == "cuda",
-            worker_init_fn=_seed_worker,
+            worker_init_fn=seed_worker,
             generator=torch.Generator().manual_seed(self.config["run"]["seed"] * 100003 + self.epoch),
         )
         return iter(loader)
@@ -352,9 +263,9 @@ class Trainer:
     # --- loop ------------------------------------------------------------------------------------
     def train_step(self, lr: Tensor, hr: Tensor) -> Dict[str, Tensor]:
         train = self.config["train"]
-        self.model.train()
-        with _autocast(self.device, train["amp"]):
-            sr, features = self.model(lr)
+        self.train_module.train()
+        with autocast_for(self.device, train["amp"]):
+            sr, features = self.train_module(lr)
             sr_teacher = teacher_features = None
             if self.teacher is not None:
                 with torch.no_grad():
@@ -365,7 +276,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
-            self.ema.update(self.network)
+            self.ema.update(self.student)
         return terms
 
     def fit(self) -> Dict[str, Any]:
@@ -438,7 +349,7 @@ class Trainer:
             if data_config["val_max_images"] and index >= data_config["val_max_images"]:
                 break
             lr, hr = center_crop_pair(lr, hr, scale, data_config["val_crop"])
-            with _autocast(self.device, self.config["train"]["amp"]):
+            with autocast_for(self.device, self.config["train"]["amp"]):
                 sr = network(lr[None].to(self.device))
             psnrs.append(metrics.psnr_y_torch(sr.float().cpu(), hr[None], crop_border=scale))
         network.train(was_training)
@@ -452,7 +363,7 @@ class Trainer:
             "val_psnr_y": self.last_val_psnr, "world_size": self.group.world_size,
         }
         if self.group.distributed:
-            summary["replica_max_abs_diff"] = replica_max_abs_diff(self.trained)
+            summary["replica_max_abs_diff"] = replica_max_abs_diff(self.student_with_adapters)
         if self.group.is_main:
             export_path = self.out_dir / f"{self.stage}.pth"
             models.save_checkpoint_basicsr(self.eval_network, export_path)
@@ -467,7 +378,7 @@ class Trainer:
             # The DDP wrapper holds the process group: drop it so that the group is torn
             # down here, with every rank present (the barrier), and not by the garbage
             # collector after a peer has exited, where gloo's teardown can wait forever.
-            self.model = self.trained
+            self.train_module = self.student_with_adapters
             gc.collect()
             dist.barrier()
             dist.destroy_process_group()
@@ -482,22 +393,3 @@ def center_crop_pair(lr: Tensor, hr: Tensor, scale: int, hr_size: int) -> Tuple[
     top, left = max(0, (lr.shape[-2] - lr_size) // 2), max(0, (lr.shape[-1] - lr_size) // 2)
     lr = lr[..., top:top + lr_size, left:left + lr_size]
     return lr, hr[..., top * scale:(top + lr.shape[-2]) * scale, left * scale:(left + lr.shape[-1]) * scale]
-
-
-def replica_max_abs_diff(module: nn.Module) -> float:
-    """Largest |w_rank - w_rank0| over all weights and ranks: 0 when the data-parallel replicas agree."""
-    largest = torch.zeros((), dtype=torch.float64)
-    for tensor in module.state_dict().values():
-        reference = tensor.detach().clone()
-        dist.broadcast(reference, src=0)
-        if tensor.is_floating_point():
-            largest = torch.maximum(largest, (tensor.detach() - reference).abs().max().double().cpu())
-    largest = largest.to(next(module.parameters()).device)
-    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-    return float(largest)
-
-
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)

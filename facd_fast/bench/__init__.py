@@ -1,0 +1,11 @@
+"""Benchmarks of facd_fast, one module each (results go to the top-level ``bench/results/``).
+
+    kernels      the FACD loss of one tap: eager reference, torch.compile, fused kernels
+                 (``python -m facd_fast.bench``, ``bench/kernels.py``, ``pytest bench/``)
+    train_step   steps/s of FACD distillation, fused loss vs reference loss (``facd bench``)
+
+``facd bench`` runs both. A new benchmark is a module here with a ``run(...)``
+(rows, a CSV under the results folder) and, if it has a command line, a
+``main(argv)``; the top-level ``bench/`` folder keeps scripts, the
+pytest-benchmark suite and the results.
+"""
