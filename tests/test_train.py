@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from facd_fast import reference
-from facd_fast.train.training_state import atomic_torch_save, load_training_state
 from facd_fast.train.ema import ModelEMA
 from facd_fast.train.feature_losses import affinity_distance, feature_distance, spatial_affinity
 from facd_fast.train.objective import DistillationObjective, mask_enabled
+from facd_fast.train.training_state import atomic_torch_save, load_training_state
 from train_fixtures import REPO_ROOT, facd_command, run_facd, subprocess_env, tiny_config
 
 
@@ -115,6 +115,22 @@ def test_facd_objective_gates_both_terms_with_the_mask(method):
     expected = 0.5 * F.l1_loss(sr_student.float(), hr.float()) + 0.5 * output + facd.float()
     torch.testing.assert_close(loss, expected)
     assert float(terms["distilled_fraction"]) == pytest.approx(float(mask.float().mean()))
+
+
+def test_objective_distance_comes_from_the_fd_method_name_or_distill_distance():
+    sr_student, sr_teacher, hr = _images()
+    student, teacher = _features(channels=(6, 6, 6))
+    for method, named in (("fd-l1", "l1"), ("fd-l2", "l2")):
+        # "auto" and the named distance give the same objective; the other distance is refused, not ignored
+        losses = [DistillationObjective(method, use_mask=False, distance=distance)(sr_student, student, sr_teacher,
+                                                                                     teacher, hr)[0]
+                  for distance in ("auto", named)]
+        torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+        with pytest.raises(ValueError, match="contradicts distill.method"):
+            DistillationObjective(method, distance="l2" if named == "l1" else "l1")
+    assert DistillationObjective("facd").facd.distance == "l1"
+    assert DistillationObjective("facd", distance="l2").facd.distance == "l2"
+    assert DistillationObjective("fakd", distance="l2").distance is None
 
 
 def test_mask_setting_per_method():

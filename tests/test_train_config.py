@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from facd_fast.train.config import DEFAULTS, ConfigError, dump_config, load_config, parse_override
+from facd_fast.train.config import (DEFAULTS, METHOD_TERMS, METHODS, ConfigError, dump_config, load_config,
+                                    method_distance, parse_override)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
 
@@ -95,3 +96,23 @@ def test_parse_override_reads_toml_values_and_bare_words():
     assert parse_override("a.b = [1, 2]") == ("a", "b", [1, 2])
     assert parse_override("a.b=runs/x") == ("a", "b", "runs/x")
     assert parse_override("a.b=x=y") == ("a", "b", "x=y")
+
+
+def test_methods_table_names_each_method_feature_term_and_distance():
+    assert METHODS == tuple(METHOD_TERMS)
+    assert {method: method_distance(method, "auto") for method in METHODS} == {
+        "none": None, "fd-l1": "l1", "fd-l2": "l2", "fakd": None, "facd": "l1", "facd-nomask": "l1"}
+    assert method_distance("facd", "l2") == "l2" and method_distance("facd-nomask", "l2") == "l2"
+    assert method_distance("fd-l2", "l2") == "l2" and method_distance("fakd", "l2") is None
+
+
+@pytest.mark.parametrize("method, distance", [("fd-l1", "l2"), ("fd-l2", "l1")])
+def test_a_distance_contradicting_the_fd_method_is_an_error(method, distance):
+    with pytest.raises(ConfigError, match=f"distill.distance = '{distance}' contradicts distill.method = '{method}'"):
+        load_config(None, [f"distill.method={method}", f"distill.distance={distance}"])
+    with pytest.raises(ConfigError, match="contradicts"):
+        method_distance(method, distance)
+    # the default ("auto") and the distance the name gives are accepted
+    assert load_config(None, [f"distill.method={method}"])["distill"]["distance"] == "auto"
+    named = {"fd-l1": "l1", "fd-l2": "l2"}[method]
+    assert load_config(None, [f"distill.method={method}", f"distill.distance={named}"])["distill"]["distance"] == named

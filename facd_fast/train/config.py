@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -19,7 +19,18 @@ else:  # pragma: no cover - Python 3.10
 
 Config = Dict[str, Dict[str, Any]]
 
-METHODS = ("none", "fd-l1", "fd-l2", "fakd", "facd", "facd-nomask")
+#: distill.method -> (feature term, distance fixed by the method's name). The feature
+#: terms: "none" (no distillation), "fd" (FitNet-style, L1 or L2 as named), "fakd"
+#: (affinity, no distance) and "facd" (contrastive, its distance from distill.distance).
+METHOD_TERMS: Dict[str, Tuple[str, Optional[str]]] = {
+    "none": ("none", None),
+    "fd-l1": ("fd", "l1"),
+    "fd-l2": ("fd", "l2"),
+    "fakd": ("fakd", None),
+    "facd": ("facd", None),
+    "facd-nomask": ("facd", None),
+}
+METHODS = tuple(METHOD_TERMS)
 
 DEFAULTS: Config = {
     "run": {
@@ -97,8 +108,10 @@ DEFAULTS: Config = {
         # for fd-l1/fd-l2/fakd (facd-nomask is always unmasked, none has nothing to gate).
         "use_mask": "auto",
         "margin_db": 0.0,
-        # FACD's distance and feature normalisation (spec section 3).
-        "distance": "l1",
+        # The feature distance (spec section 3): "auto" is l1 for facd/facd-nomask and the named
+        # one for fd-l1/fd-l2; "l1"/"l2" set FACD's, and contradicting fd-l1/fd-l2 is an error.
+        # none and fakd have no feature distance. normalize is the feature normalisation.
+        "distance": "auto",
         "normalize": "channel",
         # Loss backend: "auto", "reference" or a fused backend name.
         "backend": "auto",
@@ -111,13 +124,37 @@ _CHOICES = {
     ("distill", "method"): METHODS,
     ("distill", "use_mask"): ("auto", True, False),
     ("train", "amp"): ("auto", "bf16", "off"),
-    ("distill", "distance"): ("l1", "l2"),
+    ("distill", "distance"): ("auto", "l1", "l2"),
     ("distill", "normalize"): ("channel", "none"),
 }
 
 
 class ConfigError(ValueError):
     """A config file or override is malformed, names an unknown key or has a wrong-typed value."""
+
+
+def method_distance(method: str, distance: str) -> Optional[str]:
+    """The feature distance ``method`` uses given ``distill.distance``: "l1", "l2" or None (none, fakd).
+
+    fd-l1 and fd-l2 name their distance: "auto" or the same name is accepted, the
+    other one raises (it would otherwise be ignored). facd and facd-nomask take
+    ``distance``, "auto" meaning "l1" (spec section 3's default).
+    """
+    if method not in METHOD_TERMS:
+        raise ConfigError(f"distill.method must be one of {list(METHOD_TERMS)}, got {method!r}")
+    if distance not in _CHOICES[("distill", "distance")]:
+        raise ConfigError(f"distill.distance must be one of {list(_CHOICES[('distill', 'distance')])}, got {distance!r}")
+    term, named = METHOD_TERMS[method]
+    if named is not None:
+        if distance not in ("auto", named):
+            raise ConfigError(
+                f"distill.distance = {distance!r} contradicts distill.method = {method!r}, whose name fixes "
+                f"the distance to {named!r}; use method fd-{distance}, or distance \"auto\""
+            )
+        return named
+    if term == "facd":
+        return "l1" if distance == "auto" else distance
+    return None
 
 
 def _check_value(section: str, key: str, value: Any) -> Any:
@@ -184,6 +221,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     for text in overrides:
         section, key, value = parse_override(text)
         _merge(config, {section: {key: value}}, f"--set {text}")
+    method_distance(config["distill"]["method"], config["distill"]["distance"])
     return config
 
 

@@ -17,10 +17,11 @@ from torch import Tensor, nn
 
 from .. import api
 from ..module import FACDLoss
+from .config import METHOD_TERMS, method_distance
 from .feature_losses import affinity_distance, feature_distance, per_patch_l1
 
 #: Methods whose feature term compares DR-adapted student features with the teacher's.
-ADAPTED_METHODS = ("fd-l1", "fd-l2", "facd", "facd-nomask")
+ADAPTED_METHODS = tuple(method for method, (term, _) in METHOD_TERMS.items() if term in ("fd", "facd"))
 
 
 def mask_enabled(method: str, use_mask) -> bool:
@@ -40,7 +41,9 @@ class DistillationObjective(nn.Module):
         alpha, feature_weight: alpha and lambda of the objective (ignored, i.e. 0, for "none").
         tap_weights: w_j, one per tap.
         use_mask: gate both distillation terms per patch by the adaptive mask.
-        margin_db, distance, normalize, backend: FACD's options (spec sections 3-4).
+        margin_db, normalize, backend: FACD's options (spec sections 3-4); normalize applies to FD too.
+        distance: ``distill.distance`` ("auto", "l1", "l2"), resolved by
+            :func:`facd_fast.train.config.method_distance` (fd-l1/fd-l2 fix theirs).
 
     forward(sr_student, student_features, sr_teacher, teacher_features, hr):
         sr_*, hr: (B, 3, H, W) float; features: lists of (B, C_j, h, w), the
@@ -58,7 +61,7 @@ class DistillationObjective(nn.Module):
         tap_weights: Sequence[float] = (1.0, 1.0, 1.0),
         use_mask: bool = True,
         margin_db: float = 0.0,
-        distance: str = "l1",
+        distance: str = "auto",
         normalize: str = "channel",
         backend: str = "auto",
     ) -> None:
@@ -68,6 +71,8 @@ class DistillationObjective(nn.Module):
         if feature_weight < 0:
             raise ValueError(f"distill.lambda must be >= 0, got {feature_weight}")
         self.method = method
+        self.distance = method_distance(method, distance)  # raises for an unknown method or a contradiction
+        self.feature_term = METHOD_TERMS[method][0]
         self.alpha = 0.0 if method == "none" else float(alpha)
         self.feature_weight = 0.0 if method == "none" else float(feature_weight)
         self.tap_weights = tuple(float(w) for w in tap_weights)
@@ -78,9 +83,9 @@ class DistillationObjective(nn.Module):
         self.facd = (
             FACDLoss(
                 self.tap_weights, use_mask=use_mask, margin_db=margin_db,
-                distance=distance, normalize=normalize, backend=backend,
+                distance=self.distance, normalize=normalize, backend=backend,
             )
-            if method in ("facd", "facd-nomask")
+            if self.feature_term == "facd"
             else None
         )
 
@@ -96,7 +101,10 @@ class DistillationObjective(nn.Module):
     def _baseline_feature_term(self, student: List[Tensor], teacher: List[Tensor], mask: Optional[Tensor]) -> Tensor:
         total = 0.0
         for weight, s, t in zip(self.tap_weights, student, teacher):
-            per_patch = affinity_distance(s, t) if self.method == "fakd" else feature_distance(s, t, self.method[-2:], self.normalize)
+            if self.feature_term == "fakd":
+                per_patch = affinity_distance(s, t)
+            else:
+                per_patch = feature_distance(s, t, self.distance, self.normalize)
             total = total + weight * _masked_mean(per_patch, mask)
         return total
 
