@@ -1,23 +1,25 @@
-// Host side of the fused FACD CPU kernels: tensor checks, tiling, the parallel
-// loop over tiles, the fixed-order reduction of the per-tile sums, and the
-// Python bindings (facd_fast._C). The kernels themselves are in facd_kernels.h.
+// The CPU kernels of the facd_fast ops (schemas in facd_ops.cpp), registered
+// for the CPU dispatch key at the end of this file: tensor checks, tiling, the
+// parallel loop over tiles and the fixed-order reduction of the per-tile sums.
+// The kernels' inner loops are in facd_kernels.h.
 //
 // This translation unit also compiles the DEFAULT (no ISA flags) instance of
-// the kernels, and it comes first in the link (setup.py and the JIT loader
-// pass csrc/*.cpp sorted): where an inline function from a shared header is
-// compiled both here and in an AVX2/AVX-512 unit, the linker keeps this,
-// portable, copy.
+// the kernels, and it is the first source of the link (facd_build.SOURCES
+// lists it first): where an inline function from a shared header is compiled
+// both here and in an AVX2/AVX-512 unit, the linker keeps this, portable, copy.
 #define CPU_CAPABILITY DEFAULT
 #include "facd_kernels.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/MemoryOverlap.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <optional>
 #include <string>
+#include <tuple>
 
 namespace facd {
 
@@ -166,27 +168,27 @@ std::vector<double> pair_sums(const DistanceProblem& problem) {
   return sums;
 }
 
-void check_output(const at::Tensor& out, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
-  check_cpu(out, name);
-  TORCH_CHECK(out.sizes() == shape, name, " must have shape ", shape, ", got ", out.sizes());
-  TORCH_CHECK_TYPE(out.scalar_type() == dtype, name, " must be ", dtype, ", got ", out.scalar_type());
-  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, name, " must not have overlapping elements");
+// values (float64) copied into a new tensor with `options` (a copy even for
+// float64: the vector dies with the caller).
+at::Tensor tensor_of(std::vector<double> values, at::IntArrayRef shape, const at::TensorOptions& options) {
+  return at::empty(shape, options).copy_(at::from_blob(values.data(), shape, at::kDouble));
 }
 
-void write_values(at::Tensor& out, std::vector<double> values, at::IntArrayRef shape) {
-  out.copy_(at::from_blob(values.data(), shape, at::kDouble));
-}
+// An output the caller did not ask for: ops return fresh tensors, never None
+// and never an alias of another output.
+at::Tensor not_computed(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 }  // namespace
 
-// d_pos, d_neg (B,) in float32 (float64 for float64 inputs); see reference.feature_distances.
-void feature_distances_out(const at::Tensor& student, const at::Tensor& teacher,
-                           const std::optional<at::Tensor>& negatives, const std::string& distance,
-                           const std::string& normalize, at::Tensor d_pos, at::Tensor d_neg) {
-  DistanceProblem problem = distance_problem(student, teacher, negatives, distance, normalize);
-  const at::ScalarType dtype = compute_type(student.scalar_type());
-  check_output(d_pos, "d_pos", {problem.batch}, dtype);
-  check_output(d_neg, "d_neg", {problem.batch}, dtype);
+// d_pos, d_neg (B,) in float32 (float64 for float64 inputs), see
+// reference.feature_distances; saved: nothing (an empty tensor), the
+// backward re-reads the inputs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_distances(const at::Tensor& student, const at::Tensor& teacher,
+                                                                 const std::optional<at::Tensor>& negatives,
+                                                                 c10::string_view distance,
+                                                                 c10::string_view normalize) {
+  DistanceProblem problem =
+      distance_problem(student, teacher, negatives, std::string(distance), std::string(normalize));
   const std::vector<double> sums = pair_sums(problem);
   const double elements = static_cast<double>(problem.channels * problem.height * problem.width);
   const int64_t batch = problem.batch;
@@ -205,42 +207,36 @@ void feature_distances_out(const at::Tensor& student, const at::Tensor& teacher,
       neg[i] = negative_total / static_cast<double>(targets - 1) / elements;
     }
   }
-  write_values(d_pos, pos, {batch});
-  write_values(d_neg, neg, {batch});
+  const auto options = student.options().dtype(compute_type(student.scalar_type()));
+  return {tensor_of(pos, {batch}, options), tensor_of(neg, {batch}, options),
+          at::empty({0}, student.options().dtype(at::kChar))};
 }
 
-// Gradients of sum_i grad_pos[i] d_pos[i] + grad_neg[i] d_neg[i] into the
-// given outputs (None: not needed), each shaped and typed like its input.
-void feature_distances_backward_out(const at::Tensor& grad_pos, const at::Tensor& grad_neg,
-                                    const at::Tensor& student, const at::Tensor& teacher,
-                                    const std::optional<at::Tensor>& negatives, const std::string& distance,
-                                    const std::string& normalize, std::optional<at::Tensor> grad_student,
-                                    std::optional<at::Tensor> grad_teacher,
-                                    std::optional<at::Tensor> grad_negatives) {
-  DistanceProblem problem = distance_problem(student, teacher, negatives, distance, normalize);
+// Gradients of sum_i grad_pos[i] d_pos[i] + grad_neg[i] d_neg[i], each shaped,
+// typed and laid out like its input where output_mask asks for it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_distances_backward(
+    const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& student, const at::Tensor& teacher,
+    const std::optional<at::Tensor>& negatives, const at::Tensor& /*saved: the forward keeps nothing*/,
+    c10::string_view distance, c10::string_view normalize, std::array<bool, 3> output_mask) {
+  DistanceProblem problem =
+      distance_problem(student, teacher, negatives, std::string(distance), std::string(normalize));
   const int64_t batch = problem.batch, targets = problem.group_targets();
   for (const auto& [grad, name] : {std::pair{&grad_pos, "grad_pos"}, std::pair{&grad_neg, "grad_neg"}}) {
     check_cpu(*grad, name);
     TORCH_CHECK(grad->sizes() == at::IntArrayRef{batch}, name, " must have shape (", batch, ",), got ",
                 grad->sizes());
   }
-  TORCH_CHECK(!grad_negatives.has_value() || negatives.has_value(),
-              "grad_negatives needs explicit negatives; in-batch negatives are the teacher");
+  TORCH_CHECK(!output_mask[2] || negatives.has_value(),
+              "output_mask asks for the negatives' gradient, but there are no explicit negatives "
+              "(in-batch negatives are the teacher)");
+  at::Tensor grad_student = output_mask[0] ? at::empty_like(student) : not_computed(student);
+  at::Tensor grad_teacher = output_mask[1] ? at::empty_like(teacher) : not_computed(student);
+  at::Tensor grad_negatives = output_mask[2] ? at::empty_like(*negatives) : not_computed(student);
   GradientOutputs outputs;
-  if (grad_student.has_value()) {
-    check_output(*grad_student, "grad_student", student.sizes(), student.scalar_type());
-    outputs.student = feature_rows(*grad_student, "grad_student");
-  }
-  if (grad_teacher.has_value()) {
-    check_output(*grad_teacher, "grad_teacher", teacher.sizes(), teacher.scalar_type());
-    outputs.teacher = feature_rows(*grad_teacher, "grad_teacher");
-  }
-  if (grad_negatives.has_value()) {
-    check_output(*grad_negatives, "grad_negatives", negatives->sizes(), negatives->scalar_type());
-    outputs.negatives = negative_rows(*grad_negatives, "grad_negatives");
-  }
-  if (outputs.student.data == nullptr && outputs.teacher.data == nullptr && outputs.negatives.data == nullptr)
-    return;
+  if (output_mask[0]) outputs.student = feature_rows(grad_student, "grad_student");
+  if (output_mask[1]) outputs.teacher = feature_rows(grad_teacher, "grad_teacher");
+  if (output_mask[2]) outputs.negatives = negative_rows(grad_negatives, "grad_negatives");
+  if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {grad_student, grad_teacher, grad_negatives};
 
   // dL/d(pair sum): d_pos = sum / N, d_neg = mean over the negatives of sum / N.
   // l2's psi'(d) = 2 d: the kernels use d and get the 2 here.
@@ -261,13 +257,13 @@ void feature_distances_backward_out(const at::Tensor& grad_pos, const at::Tensor
   at::parallel_for(0, problem.blocks, 1, [&](int64_t begin, int64_t end) {
     kernels->distance_gradients(problem, weights.data(), outputs, begin, end);
   });
+  return {grad_student, grad_teacher, grad_negatives};
 }
 
 // (B, 2): per-patch mean squared error of sr_student and sr_teacher against hr,
 // in float32 (float64 for float64 hr). One pass: hr is pair (b, 0) of group b
 // in the kernels' explicit-negatives layout, with the two outputs as targets.
-void patch_mse_out(const at::Tensor& sr_student, const at::Tensor& sr_teacher, const at::Tensor& hr,
-                   at::Tensor out) {
+at::Tensor patch_mse(const at::Tensor& sr_student, const at::Tensor& sr_teacher, const at::Tensor& hr) {
   DistanceProblem problem;
   problem.student = feature_rows(hr, "hr");
   problem.teacher = feature_rows(sr_student, "sr_student");
@@ -285,18 +281,18 @@ void patch_mse_out(const at::Tensor& sr_student, const at::Tensor& sr_teacher, c
   // Read each image in its own dtype, accumulate as the reference does: in compute_dtype(hr).
   problem.compute_in_double = hr.scalar_type() == at::kDouble;
   set_tiling(problem);
-  check_output(out, "out", {problem.batch, 2}, compute_type(hr.scalar_type()));
   const std::vector<double> sums = pair_sums(problem);
   const double elements = static_cast<double>(problem.channels * problem.height * problem.width);
   std::vector<double> mse(sums.size());
   for (size_t i = 0; i < sums.size(); ++i) mse[i] = sums[i] / elements;
-  write_values(out, mse, {problem.batch, 2});
+  return tensor_of(mse, {problem.batch, 2}, hr.options().dtype(compute_type(hr.scalar_type())));
 }
 
 std::string cpu_capability() { return active_kernels()->name; }
 
 // "auto" (the best this CPU runs), "default", "avx2" or "avx512"; for tests and benchmarks.
-void set_cpu_capability(const std::string& name) {
+void set_cpu_capability(c10::string_view requested) {
+  const std::string name(requested);
   if (name == "auto") {
     forced_kernels.store(nullptr);
     return;
@@ -310,18 +306,14 @@ void set_cpu_capability(const std::string& name) {
 
 }  // namespace facd
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused FACD CPU kernels (see csrc/facd_kernels.h)";
-  m.def("feature_distances_out", &facd::feature_distances_out, "d_pos, d_neg of the FACD loss into the given (B,) outputs",
-        py::arg("student"), py::arg("teacher"), py::arg("negatives"), py::arg("distance"), py::arg("normalize"),
-        py::arg("d_pos"), py::arg("d_neg"));
-  m.def("feature_distances_backward_out", &facd::feature_distances_backward_out,
-        "gradients of the FACD distances into the given outputs (None: not needed)", py::arg("grad_pos"),
-        py::arg("grad_neg"), py::arg("student"), py::arg("teacher"), py::arg("negatives"), py::arg("distance"),
-        py::arg("normalize"), py::arg("grad_student"), py::arg("grad_teacher"), py::arg("grad_negatives"));
-  m.def("patch_mse_out", &facd::patch_mse_out, "per-patch MSE of sr_student and sr_teacher against hr into (B, 2)",
-        py::arg("sr_student"), py::arg("sr_teacher"), py::arg("hr"), py::arg("out"));
-  m.def("cpu_capability", &facd::cpu_capability, "the instruction set the kernels run with");
-  m.def("set_cpu_capability", &facd::set_cpu_capability, "force 'default', 'avx2' or 'avx512', or 'auto'",
-        py::arg("name"));
+TORCH_LIBRARY_IMPL(facd_fast, CPU, m) {
+  m.impl("feature_distances", &facd::feature_distances);
+  m.impl("feature_distances_backward", &facd::feature_distances_backward);
+  m.impl("patch_mse", &facd::patch_mse);
+}
+
+// No tensor arguments, so no device to dispatch on: one kernel for every key.
+TORCH_LIBRARY_IMPL(facd_fast, CompositeExplicitAutograd, m) {
+  m.impl("cpu_capability", &facd::cpu_capability);
+  m.impl("set_cpu_capability", &facd::set_cpu_capability);
 }

@@ -375,7 +375,6 @@ class GroupBlock {
 
   // Gathers (and normalises) the block of every row of `group`.
   void load_group(int64_t group) {
-    group_ = group;
     const int64_t rows = problem_.group_students() + problem_.group_targets();
     const int64_t positions = problem_.positions_per_tile;
     for (int64_t index = 0; index < rows; ++index) {
@@ -413,7 +412,7 @@ class GroupBlock {
   std::vector<int64_t> offsets_;
   std::vector<T> values_, norms_;
   std::vector<const T*> pointers_;
-  int64_t group_ = 0, first_tile_ = 0, tiles_ = 0, first_position_ = 0, count_ = 0;
+  int64_t first_tile_ = 0, tiles_ = 0, first_position_ = 0, count_ = 0;
 };
 
 // ---------------------------------------------------------------------------

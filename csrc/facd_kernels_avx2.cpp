@@ -6,22 +6,9 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-// The pragma enables the instructions but not their feature macros, which
-// ATen's and Sleef's headers test to declare their AVX2 code.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
+#include "facd_isa_macros.h"
 #include "facd_kernels.h"
 
 const facd::KernelTable* facd::avx2_kernels() { return facd::AVX2::kernel_table(); }
