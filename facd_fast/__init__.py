@@ -5,10 +5,10 @@ Public API:
     adaptive_mask(sr_student, sr_teacher, hr, *, margin_db, data_range)
     FACDLoss(tap_weights, use_mask=..., margin_db=...)
     available_backends()
-The definition is in docs/loss.md; facd_fast.reference is its plain-PyTorch oracle.
+The definition is in docs/loss.md; facd_fast.reference is its plain-PyTorch oracle;
+docs/architecture.md maps the layers and the path of a call.
 """
-from .api import adaptive_mask, contrastive_loss, patch_mse
-from .backends import available_backends
+from .api import adaptive_mask, available_backends, contrastive_loss, patch_mse
 from .module import FACDLoss
 
 __version__ = "0.1.0"

@@ -1,8 +1,14 @@
-"""The public functions: ``contrastive_loss`` and ``adaptive_mask``.
+"""The public functions: ``contrastive_loss``, ``adaptive_mask``, ``patch_mse``.
 
-They check their inputs, pick a backend (:mod:`facd_fast.backends`), let it
-compute the per-patch distances or errors, and finish with the O(B) ratio,
-mask and reduction shared by every backend.
+They check their inputs, pick a backend, let it compute the per-patch
+distances or errors, and finish with the O(B) ratio, mask and reduction of
+:mod:`facd_fast.definition`. A backend is ``reference`` (the plain-PyTorch
+oracle, :mod:`facd_fast.reference`) or a kernel set of the ``facd_fast`` ops
+(:mod:`facd_fast.ops`): ``cpp`` for CPU tensors, ``triton`` for CUDA ones,
+both called through PyTorch's dispatcher, which picks the kernel by device.
+``auto`` is the kernel set of the inputs' device, or ``FACD_BACKEND`` when
+that is set; where no kernel set runs, it falls back to the reference with
+one warning.
 
 NaN or Inf in the features propagate to the result, as in torch's losses;
 a NaN on a masked-out patch is dropped with the patch.
@@ -11,13 +17,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+import os
+import warnings
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import reference
-from .backends import backend_names, resolve
+from . import ops, reference
+from .definition import compute_dtype, contrastive_ratio, mask_from_mse
 
 DISTANCES = ("l1", "l2")
 NORMALIZATIONS = ("channel", "none")
@@ -62,10 +70,72 @@ def _check_positive_real(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+#: Every backend name: ``auto``, the oracle, the ops' kernel sets.
+BACKENDS = ("auto", "reference", ops.CPP, ops.TRITON)
+#: Names ``auto`` for every call when set.
+ENV_VAR = "FACD_BACKEND"
+
+
 def _check_backend(backend) -> None:
-    names = backend_names()
-    if not isinstance(backend, str) or backend not in names:
-        raise ValueError(f"backend must be one of {names}, got {backend!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+
+
+_warned_fallback: set = set()
+
+
+def resolve_backend(backend: str, device_type: str) -> str:
+    """The backend that runs for tensors of ``device_type``: "reference", "cpp" or "triton".
+
+    ``backend`` is a name of :data:`BACKENDS`, already checked. An explicit
+    kernel set that cannot run here, or not on this device, is an error;
+    ``auto`` falls back to the reference with one warning.
+    """
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto").strip() or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={backend!r} is not a backend; expected one of {list(BACKENDS)}")
+    if backend == "reference":
+        return backend
+    if backend != "auto":
+        if device_type not in ops.device_types(backend):
+            raise ValueError(
+                f"backend={backend!r} runs on {', '.join(ops.device_types(backend))} tensors, "
+                f"but the inputs are on {device_type}"
+            )
+        ops.check_available(backend)
+        return backend
+    kernels = ops.KERNELS_BY_DEVICE.get(device_type)
+    reason = f"no facd_fast kernels for {device_type} tensors" if kernels is None else ops.UNAVAILABLE.get(kernels)
+    if reason is None:
+        return kernels
+    if device_type not in _warned_fallback:
+        _warned_fallback.add(device_type)
+        warnings.warn(f"{reason}; falling back to the slower reference", RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+def available_backends() -> List[str]:
+    """The backends that run on this machine, for some device."""
+    return ["reference", *(name for name in (ops.CPP, ops.TRITON) if name not in ops.UNAVAILABLE)]
+
+
+def feature_distances(student, teacher, negatives, distance, normalize, backend="auto") -> Tuple[Tensor, Tensor]:
+    """(d_pos, d_neg), each (B,) in compute_dtype, from the backend that runs for the inputs' device.
+
+    The distances :func:`contrastive_loss` is made of (see
+    :func:`facd_fast.reference.feature_distances`), for inputs it has checked.
+    """
+    name = resolve_backend(backend, student.device.type)
+    if name == "reference":
+        dtype = compute_dtype(student.dtype)
+        return reference.feature_distances(
+            student.to(dtype), teacher.to(dtype), None if negatives is None else negatives.to(dtype),
+            distance, normalize,
+        )
+    ops.use_kernels(name, student.device.type)
+    d_pos, d_neg, _ = torch.ops.facd_fast.feature_distances(student, teacher, negatives, distance, normalize)
+    return d_pos, d_neg
 
 
 def contrastive_loss(
@@ -98,8 +168,8 @@ def contrastive_loss(
         eps: > 0, added to the negative distance in the ratio.
         reduction: ``"mean"`` (sum of masked ratios / B), ``"sum"`` or
             ``"none"`` (the (B,) masked ratios).
-        backend: ``"auto"``, ``"reference"`` or a fused backend; see
-            :func:`facd_fast.available_backends`.
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` (CPU tensors) or
+            ``"triton"`` (CUDA tensors); see :func:`facd_fast.available_backends`.
 
     Returns:
         A scalar, or (B,) for ``reduction="none"``, in the inputs' dtype
@@ -144,9 +214,8 @@ def contrastive_loss(
     _check_positive_real("eps", eps)
     _check_backend(backend)
 
-    _, ops = resolve(backend, student.device)
-    d_pos, d_neg = ops.feature_distances(student, teacher, negatives, distance, normalize)
-    return reference.contrastive_ratio(d_pos, d_neg, mask, eps, reduction).to(student.dtype)
+    d_pos, d_neg = feature_distances(student, teacher, negatives, distance, normalize, backend)
+    return contrastive_ratio(d_pos, d_neg, mask, eps, reduction).to(student.dtype)
 
 
 def _check_images(sr_student, sr_teacher, hr) -> None:
@@ -169,19 +238,12 @@ def patch_mse(sr_student: Tensor, sr_teacher: Tensor, hr: Tensor, *, backend: st
     """
     _check_images(sr_student, sr_teacher, hr)
     _check_backend(backend)
-    _, ops = resolve(backend, hr.device)
+    name = resolve_backend(backend, hr.device.type)
     with torch.no_grad():
-        return ops.patch_mse(sr_student, sr_teacher, hr)
-
-
-def mask_from_mse(mse: Tensor, margin_db: float) -> Tensor:
-    """m_i = PSNR_teacher - PSNR_student > margin_db, from :func:`patch_mse`'s (B, 2) output.
-
-    Tested as mse_student > mse_teacher * 10^(margin_db / 10): the same
-    inequality without the infinities of a zero MSE (a perfect teacher on an
-    imperfect student teaches; two perfect outputs do not; NaN gives False).
-    """
-    return mse[:, 0] > mse[:, 1] * (10.0 ** (margin_db / 10.0))
+        if name == "reference":
+            return reference.patch_mse(sr_student, sr_teacher, hr)
+        ops.use_kernels(name, hr.device.type)
+        return torch.ops.facd_fast.patch_mse(sr_student, sr_teacher, hr)
 
 
 def adaptive_mask(

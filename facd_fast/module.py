@@ -6,7 +6,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import api, reference
+from . import api
+from .definition import mask_from_mse, psnr_gap
 
 
 class FACDLoss(nn.Module):
@@ -82,7 +83,7 @@ class FACDLoss(nn.Module):
             raise ValueError(f"negatives must hold {taps} entries (None for in-batch), got {len(negatives)}")
         with torch.no_grad():
             mse = api.patch_mse(sr_student.detach(), sr_teacher, hr, backend=self.backend)
-            mask = api.mask_from_mse(mse, self.margin_db)
+            mask = mask_from_mse(mse, self.margin_db)
         tap_losses = [
             api.contrastive_loss(
                 s, t, None if negatives is None else negatives[j],
@@ -97,6 +98,6 @@ class FACDLoss(nn.Module):
             "tap_losses": torch.stack([l.detach().float() for l in tap_losses]),
             "mask": mask,
             "distilled_fraction": mask.float().mean(),
-            "psnr_gap_db": reference.psnr_gap(mse, self.data_range).mean(),
+            "psnr_gap_db": psnr_gap(mse).mean(),
         }
         return loss, diagnostics

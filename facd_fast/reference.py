@@ -2,11 +2,13 @@
 
 A direct transcription of ``docs/loss.md`` (spec sections 3 and 4). It is
 written to be read, not to be fast: the in-batch negatives materialise a
-(B, B, C, H, W) tensor of pairwise differences. Every fused backend is tested
-against these functions.
+(B, B, C, H, W) tensor of pairwise differences. Every op kernel is tested
+against these functions, and ``backend="reference"`` runs them; what comes
+after the distances (ratio, mask, reduction, the mask rule) is shared with
+the ops in :mod:`facd_fast.definition`.
 
 No input checking happens here; :mod:`facd_fast.api` validates and then calls
-either these functions or a fused backend.
+either these functions or the ops.
 """
 from __future__ import annotations
 
@@ -15,13 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-#: Floor of the per-position channel norm in ``normalize="channel"``.
-EPS_NORM = 1e-6
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype FACD accumulates in: float32 for half types, else ``dtype``."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+from .definition import EPS_NORM, compute_dtype, contrastive_ratio, mask_from_mse
 
 
 def normalize_features(x: Tensor, normalize: str) -> Tensor:
@@ -67,28 +63,6 @@ def feature_distances(
     return d_pos, d_neg
 
 
-def contrastive_ratio(
-    d_pos: Tensor,
-    d_neg: Tensor,
-    mask: Optional[Tensor],
-    eps: float,
-    reduction: str,
-) -> Tensor:
-    """l_i = d_pos_i / (d_neg_i + eps), masked by m_i and reduced.
-
-    ``mean`` is sum_i m_i l_i / B (masked patches still count in B), ``sum``
-    is sum_i m_i l_i, ``none`` is the (B,) vector m_i l_i.
-    """
-    per_patch = d_pos / (d_neg + eps)
-    if mask is not None:
-        # where(), not a product, so that a NaN on a masked patch is dropped too.
-        per_patch = torch.where(mask.to(torch.bool), per_patch, torch.zeros_like(per_patch))
-    if reduction == "none":
-        return per_patch
-    total = per_patch.sum()
-    return total / per_patch.shape[0] if reduction == "mean" else total
-
-
 def contrastive_loss(
     student: Tensor,
     teacher: Tensor,
@@ -126,16 +100,6 @@ def patch_mse(sr_student: Tensor, sr_teacher: Tensor, hr: Tensor) -> Tensor:
     return torch.stack((mse_student, mse_teacher), dim=1)
 
 
-def psnr_from_mse(mse: Tensor, data_range: float) -> Tensor:
-    """PSNR in dB; +inf where mse is 0."""
-    return 10.0 * torch.log10(data_range**2 / mse)
-
-
-def psnr_gap(mse: Tensor, data_range: float) -> Tensor:
-    """(B,) PSNR(teacher) - PSNR(student) in dB, from ``patch_mse``'s (B, 2) output."""
-    return psnr_from_mse(mse[:, 1], data_range) - psnr_from_mse(mse[:, 0], data_range)
-
-
 @torch.no_grad()
 def adaptive_mask(
     sr_student: Tensor,
@@ -147,7 +111,7 @@ def adaptive_mask(
 ) -> Tensor:
     """Per-patch distillation mask (spec section 4): bool (B,), True where the teacher wins.
 
-    sr_student, sr_teacher, hr: (B, 3, H, W) in [0, data_range].
+    sr_student, sr_teacher, hr: (B, 3, H, W) in [0, data_range] (the PSNR gap
+    does not depend on data_range).
     """
-    gap = psnr_gap(patch_mse(sr_student, sr_teacher, hr), data_range)
-    return gap > margin_db
+    return mask_from_mse(patch_mse(sr_student, sr_teacher, hr), margin_db)

@@ -1,9 +1,11 @@
 """Triton kernels of the FACD feature distances: forward and backward for every option.
 
-The contract is :mod:`facd_fast.backends.custom_ops`'s: ``feature_distances_forward``
-gives ``(d_pos, d_neg)`` and ``feature_distances_backward`` the gradients of
-``sum(grad_pos * d_pos + grad_neg * d_neg)``; the ratio, mask and reduction
-are O(B) PyTorch in :mod:`facd_fast.api`.
+The CUDA kernels of the ``facd_fast::feature_distances`` ops (schemas in
+csrc/facd_ops.cpp, registered in :mod:`facd_fast.ops`): ``feature_distances_forward``
+gives ``(d_pos, d_neg, saved)`` and ``feature_distances_backward`` the gradients
+of ``sum(grad_pos * d_pos + grad_neg * d_neg)``; the ratio, mask and reduction
+are O(B) PyTorch in :mod:`facd_fast.definition`. Kernels launch through
+``torch.library.wrap_triton`` so that torch.compile traces into them.
 
 Pairs. A row is one patch's (C, H, W) feature. An *anchor* row of batch index
 b is compared with the *other* rows ``others[b, k]``, k < K_o, by
@@ -37,14 +39,15 @@ reduction; without a GPU to measure it on, it is not worth a second code path.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
-from facd_fast.reference import EPS_NORM, compute_dtype
+from facd_fast.definition import EPS_NORM, compute_dtype
 
 from .utils import on_device, split_evenly, target_programs, tl_compute_dtype
 
@@ -434,7 +437,7 @@ def channel_inverse_norms(x: Tensor) -> Tensor:
     blocks = _channel_blocks(channels, n_positions)
     grid = (triton.cdiv(n_positions, blocks["BLOCK_P"]), outer * inner)
     with on_device(x):
-        _channel_inverse_norms_kernel[grid](
+        wrap_triton(_channel_inverse_norms_kernel)[grid](
             rows, inv_norm, *rows.stride(), inner, channels, width, n_positions, EPS_NORM,
             COMPUTE_DTYPE=tl_compute_dtype(x.dtype), **blocks,
         )
@@ -466,7 +469,7 @@ def _pair_distance_sums(
     if not has_positive:  # the kernel never reads them; any tensor of the right rank fills the slots
         positive, positive_inv = anchor, anchor_inv
     with on_device(anchor):
-        _pair_distance_sums_kernel[(n_spans, anchor_blocks)](
+        wrap_triton(_pair_distance_sums_kernel)[(n_spans, anchor_blocks)](
             anchor, others, positive, anchor_inv, others_inv, positive_inv, pair_sums, positive_sums,
             *anchor.stride(), *others.stride(), *positive.stride(), others_inv.stride(0), others_inv.stride(1),
             batch, n_others, channels, n_positions, width, n_position_blocks, channels_per_span,
@@ -477,12 +480,14 @@ def _pair_distance_sums(
 
 def feature_distances_forward(
     student: Tensor, teacher: Tensor, negatives: Optional[Tensor], distance: str, normalize: str
-) -> Tuple[Tensor, Tensor]:
-    """(d_pos, d_neg), each (B,) in ``compute_dtype``: see :func:`facd_fast.reference.feature_distances`.
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(d_pos, d_neg, saved): d_pos, d_neg each (B,) in ``compute_dtype``, see
+    :func:`facd_fast.reference.feature_distances`; saved: empty (the backward keeps nothing from here).
 
     student, teacher: (B, C, H, W); negatives: (B, K, C, H, W) or None
     (in-batch); any strides; float16, bfloat16, float32 or float64.
     """
+    saved = student.new_empty((0,), dtype=torch.int8)
     batch = student.shape[0]
     n_elements = student[0].numel()
     student_inv, teacher_inv = _inverse_norms(student, normalize), _inverse_norms(teacher, normalize)
@@ -493,12 +498,12 @@ def feature_distances_forward(
         diagonal = torch.eye(batch, dtype=torch.bool, device=student.device)
         d_pos = sums.diagonal() / n_elements
         d_neg = sums.masked_fill(diagonal, 0).sum(dim=1) / ((batch - 1) * n_elements)
-        return d_pos, d_neg
+        return d_pos, d_neg, saved
     negatives_inv = _inverse_norms(negatives, normalize)
     sums, positive_sums = _pair_distance_sums(
         student, negatives, teacher, student_inv, negatives_inv, teacher_inv, distance, normalize
     )
-    return positive_sums / n_elements, sums.sum(dim=1) / (negatives.shape[1] * n_elements)
+    return positive_sums / n_elements, sums.sum(dim=1) / (negatives.shape[1] * n_elements), saved
 
 
 def _anchor_gradient(
@@ -534,7 +539,7 @@ def _anchor_gradient(
     if not has_positive:  # the kernel never reads them; any tensors of the right rank fill the slots
         positive, positive_weights, positive_inv = anchor[:, 0], weights, anchor_inv
     with on_device(anchor):
-        _pair_gradient_kernel[(n_spans, row_blocks)](
+        wrap_triton(_pair_gradient_kernel)[(n_spans, row_blocks)](
             anchor, others, positive, weights, positive_weights, anchor_inv, others_inv, positive_inv, grad_hat,
             *anchor.stride(), *others.stride(), *positive.stride(), *grad_hat.stride(),
             *weights.stride(), others_inv.stride(0), others_inv.stride(1),
@@ -545,7 +550,7 @@ def _anchor_gradient(
             grad.copy_(grad_hat)
         if normalized:
             channel_blocks = _channel_blocks(channels, n_positions)
-            _channel_normalize_backward_kernel[(triton.cdiv(n_positions, channel_blocks["BLOCK_P"]), n_rows)](
+            wrap_triton(_channel_normalize_backward_kernel)[(triton.cdiv(n_positions, channel_blocks["BLOCK_P"]), n_rows)](
                 anchor, grad_hat, grad, *anchor.stride(), *grad_hat.stride(), *grad.stride(),
                 per_batch, channels, width, n_positions, EPS_NORM,
                 COMPUTE_DTYPE=tl_compute_dtype(anchor.dtype), **channel_blocks,
@@ -555,16 +560,18 @@ def _anchor_gradient(
 
 def feature_distances_backward(
     grad_pos: Tensor, grad_neg: Tensor,
-    student: Tensor, teacher: Tensor, negatives: Optional[Tensor],
-    distance: str, normalize: str,
-    need_student: bool, need_teacher: bool, need_negatives: bool,
+    student: Tensor, teacher: Tensor, negatives: Optional[Tensor], saved: Tensor,
+    distance: str, normalize: str, output_mask: Sequence[bool],
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum(grad_pos * d_pos + grad_neg * d_neg) w.r.t. student, teacher, negatives.
 
-    grad_pos, grad_neg: (B,) upstream gradients; the rest as in
+    grad_pos, grad_neg: (B,) upstream gradients; saved: the forward's (unused);
+    output_mask: which of the three gradients to compute; the rest as in
     :func:`feature_distances_forward`. Each gradient is shaped, typed and
-    strided like its input where needed, an empty tensor where not (tests/closed_form.py has the formulas).
+    strided like its input where asked for, an empty tensor where not
+    (tests/closed_form.py has the formulas).
     """
+    need_student, need_teacher, need_negatives = output_mask
     batch = student.shape[0]
     n_elements = student[0].numel()
     dtype = compute_dtype(student.dtype)

@@ -1,5 +1,8 @@
 """Triton kernel of the adaptive mask's statistics: per-patch MSE of the student and the teacher.
 
+The CUDA kernel of the ``facd_fast::patch_mse`` op (schema in csrc/facd_ops.cpp,
+registered in :mod:`facd_fast.ops`).
+
 One pass over sr_student, sr_teacher and hr: each program sums both squared
 errors over a span of one patch's elements and writes the two partial sums;
 the spans are summed in a fixed order (deterministic, no atomics).
@@ -10,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
-from facd_fast.reference import compute_dtype
+from facd_fast.definition import compute_dtype
 
 from .utils import element_offsets, on_device, split_evenly, target_programs, tl_compute_dtype
 
@@ -73,7 +77,7 @@ def patch_mse(sr_student: Tensor, sr_teacher: Tensor, hr: Tensor) -> Tensor:
     dtype = compute_dtype(hr.dtype)
     sums = torch.empty((n_spans, batch, 2), dtype=dtype, device=hr.device)
     with on_device(hr):
-        _patch_squared_error_sums_kernel[(n_spans, batch)](
+        wrap_triton(_patch_squared_error_sums_kernel)[(n_spans, batch)](
             sr_student, sr_teacher, hr, sums,
             *sr_student.stride(), *sr_teacher.stride(), *hr.stride(),
             batch, n_positions, width, n_elements, blocks_per_span,

@@ -196,9 +196,9 @@ def roofline_floor_ms(case: Case, bandwidth: float, device: torch.device) -> flo
 def versions(device: torch.device) -> str:
     parts = [f"torch {torch.__version__}", f"facd_fast {facd_fast.__version__}", f"python {platform.python_version()}"]
     if device.type == "cpu":
-        from facd_fast.backends import cpp
+        from facd_fast import ops
 
-        parts.append(f"cpp kernels {cpp.load_extension().cpu_capability()}")
+        parts.append(f"cpp kernels {ops.cpu_capability()}")
         parts.append(f"{torch.get_num_threads()} threads")
     else:
         import triton

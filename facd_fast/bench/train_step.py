@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import models
-from ..backends import resolve
+from ..api import resolve_backend
 from ..module import FACDLoss
 from ..train.objective import DistillationObjective
 from ..train.precision import autocast_for
@@ -115,7 +115,7 @@ def benchmark_case(case: StepCase, backend: str, steps: int, device: torch.devic
     loss_ms = _timed(loss_and_mask, steps, device)
     p20, p50, p80 = np.percentile(step_ms, [20, 50, 80])
     return {
-        "case": case.name, "backend": backend, "resolved_backend": resolve(backend, device)[0],
+        "case": case.name, "backend": backend, "resolved_backend": resolve_backend(backend, device.type),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "amp": amp, "student": case.student, "teacher": case.teacher, "scale": case.scale, "batch": case.batch,
         "lr_patch": case.lr_patch, "steps": steps, "step_ms_p20": round(p20, 3), "step_ms_p50": round(p50, 3),
