@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks of the triton backend in one call, on a machine with a CUDA GPU (e.g. an H100):
-#   1. tests/test_triton_backend.py compiled on CUDA tensors at the CUDA shapes (no interpreter),
+# The GPU checks of the Triton kernels in one call, on a machine with a CUDA GPU (e.g. an H100):
+#   1. the contract suite (tests/test_ops.py) and tests/test_triton_kernels.py on CUDA tensors at the
+#      CUDA shapes, kernels compiled (no interpreter), opcheck and torch.compile on CUDA included,
 #   2. the kernel benchmark on CUDA (bench/kernels.py: eager reference, torch.compile(reference),
 #      triton via backend="auto"), results in bench/results/.
 # Logs and results are also copied to $OUT when it is set (the device tool brings $OUT back).
@@ -24,7 +25,7 @@ if ! "$PYTHON" -c "import facd_fast.kernels.contrastive" 2>/dev/null; then
 fi
 
 status=0
-"$PYTHON" -m pytest -q -m triton tests/test_triton_backend.py -p no:cacheprovider --durations=10 \
+"$PYTHON" -m pytest -q tests/test_ops.py tests/test_triton_kernels.py -k "cuda or triton" -p no:cacheprovider --durations=10 \
     2>&1 | tee "$LOGS/gpu_tests.log" || status=1
 "$PYTHON" bench/kernels.py --device cuda "$@" 2>&1 | tee "$LOGS/gpu_bench.log" || status=1
 if [ -n "${OUT:-}" ]; then

@@ -120,8 +120,17 @@ def cases(*axes, kernels=KERNELS, shapes=slice(None)):
             for combo in itertools.product(*axes):
                 ids = [kernel.id, shape_id(shape)] + ["-".join(filter(None, v)) if isinstance(v, tuple) else v
                                                       for v in combo]
-                params.append(pytest.param(kernel, shape, *combo, id="-".join(ids)))
+                params.append(pytest.param(kernel, shape, *combo, id="-".join(ids), marks=marks(kernel)))
     return params
+
+
+def marks(kernel):
+    """``pytest -m triton`` selects the Triton kernels' cases."""
+    return [pytest.mark.triton] if kernel.backend == ops.TRITON else []
+
+
+def kernel_params(kernels):
+    return [pytest.param(kernel, id=kernel.id, marks=marks(kernel)) for kernel in kernels]
 
 
 @pytest.fixture
@@ -295,7 +304,7 @@ REQUIRES = [("student",), ("teacher",), ("negatives",), ("student", "negatives")
     (negatives, requires) for negatives in NEGATIVES for requires in REQUIRES
     if negatives == "explicit" or "negatives" not in requires  # in-batch negatives are the teacher
 ])
-@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.id)
+@pytest.mark.parametrize("kernel", kernel_params(KERNELS))
 def test_gradients_only_for_inputs_that_need_them(kernel, negatives, requires, selected):
     """Inputs that do not require grad get none (a frozen teacher costs nothing); the others the right one."""
     inputs = make_inputs((3, 4, 3, 5, 2), negatives, torch.float32, kernel.device)
@@ -314,7 +323,7 @@ def test_gradients_only_for_inputs_that_need_them(kernel, negatives, requires, s
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.id)
+@pytest.mark.parametrize("kernel", kernel_params(KERNELS))
 @pytest.mark.parametrize("negatives", NEGATIVES)
 def test_deterministic(kernel, negatives, selected):
     """No atomics: two runs agree bit for bit."""
@@ -324,7 +333,7 @@ def test_deterministic(kernel, negatives, selected):
         assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.id)
+@pytest.mark.parametrize("kernel", kernel_params(KERNELS))
 @pytest.mark.parametrize("distance", ["l1", "l2"])
 @pytest.mark.parametrize("negatives", NEGATIVES)
 def test_gradcheck_in_float64(kernel, distance, negatives, selected):
@@ -341,7 +350,7 @@ def test_gradcheck_in_float64(kernel, distance, negatives, selected):
 # --- the public loss --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.id)
+@pytest.mark.parametrize("kernel", kernel_params(KERNELS))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("negatives", NEGATIVES)
@@ -367,7 +376,7 @@ def test_public_loss_with_every_reduction_and_mask(kernel, reduction, with_mask,
         assert (grads[0][~mask] == 0).all()
 
 
-@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.id)
+@pytest.mark.parametrize("kernel", kernel_params(KERNELS))
 @pytest.mark.parametrize("dtype_name", ["fp16", "bf16"])
 def test_public_loss_keeps_the_half_dtype(kernel, dtype_name, selected):
     dtype = DTYPES[dtype_name]
@@ -396,7 +405,7 @@ def test_patch_mse_matches_reference(kernel, shape, dtype_name, layout, selected
     assert_close_to_reference(kernel, "patch_mse", out, lowp, ref)
 
 
-@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.id)
+@pytest.mark.parametrize("kernel", kernel_params(KERNELS))
 def test_patch_mse_reads_each_image_in_its_own_dtype(kernel, selected):
     """Each image is cast on load; the compute dtype follows hr."""
     generator = torch.Generator().manual_seed(2)
@@ -407,7 +416,7 @@ def test_patch_mse_reads_each_image_in_its_own_dtype(kernel, selected):
                                reference.patch_mse(sr_student, sr_teacher, hr))
 
 
-@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.id)
+@pytest.mark.parametrize("kernel", kernel_params(KERNELS))
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "fp64"])
 def test_adaptive_mask_matches_reference(kernel, dtype_name, selected):
     generator = torch.Generator().manual_seed(3)
@@ -425,7 +434,7 @@ def test_adaptive_mask_matches_reference(kernel, dtype_name, selected):
 # --- the ops: opcheck and torch.compile -------------------------------------------------------
 
 
-@pytest.mark.parametrize("kernel", FUSED, ids=lambda k: k.id)
+@pytest.mark.parametrize("kernel", kernel_params(FUSED))
 @pytest.mark.parametrize("negatives", NEGATIVES)
 def test_opcheck(kernel, negatives, selected):
     """Schema, fake kernel and autograd registration of each op, with this device's kernel."""
@@ -447,7 +456,7 @@ def test_opcheck(kernel, negatives, selected):
     torch.library.opcheck(torch.ops.facd_fast.patch_mse.default, tuple(images))
 
 
-@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.id)
+@pytest.mark.parametrize("kernel", kernel_params(KERNELS))
 @pytest.mark.parametrize("negatives", NEGATIVES)
 def test_compile_fullgraph(kernel, negatives, selected):
     """The loss of a training step, mask included, compiles into one graph, forward and backward.
