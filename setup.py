@@ -1,6 +1,8 @@
 """Build facd_fast: the Python package, the Triton kernels in kernels/ (installed
-as facd_fast.kernels) and the C++ extension in csrc/ (facd_fast._C: the ops'
-schemas and CPU kernels).
+as facd_fast.kernels), the C++ extension in csrc/ (facd_fast._C: the ops'
+schemas and CPU kernels) and the package data: the shipped configs
+(facd_fast/configs/), the demo teacher (facd_fast/checkpoints/) and a copy of
+the C++ sources (installed as facd_fast/csrc/, for the JIT fallback).
 
 Install with the torch you will run against already present:
     pip install --no-build-isolation -e .
@@ -34,8 +36,13 @@ def cpp_extension():
 if __name__ == "__main__":
     ext_modules, cmdclass = cpp_extension()
     setup(
-        packages=find_packages(include=["facd_fast", "facd_fast.*"]) + ["facd_fast.kernels"],
-        package_dir={"facd_fast.kernels": "kernels"},
+        packages=find_packages(include=["facd_fast", "facd_fast.*"]) + ["facd_fast.kernels", "facd_fast.csrc"],
+        package_dir={"facd_fast.kernels": "kernels", "facd_fast.csrc": "csrc"},
+        package_data={
+            "facd_fast": ["configs/*.toml", "checkpoints/*.pth", "checkpoints/*.json", "checkpoints/README.md"],
+            "facd_fast.csrc": ["*.cpp", "*.h"],
+        },
+        include_package_data=False,
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

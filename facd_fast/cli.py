@@ -5,7 +5,12 @@
     facd eval CHECKPOINT --hr-dir DIR --scale S [--lr-dir DIR] [--model PRESET] [--json]
     facd export CHECKPOINT OUT [--ema]
     facd bench [--out DIR] [--shapes small|paper|all] [--steps N] [--skip-kernels] [--device cpu|cuda]
-    facd demo [--out DIR] [--budget-s SECONDS]
+    facd demo [--out DIR] [--config CONFIG] [--set ...]
+    facd configs [NAME]
+    facd --version
+
+CONFIG is a TOML file or the name of a shipped config (``facd distill edsr_x4``);
+``facd configs`` lists the shipped ones and ``facd configs NAME`` prints one.
 
 Errors in what the user gave (a missing file, an unknown config key, weights
 that do not fit the architecture) print one ``facd: error: ...`` line and exit with status 2.
@@ -14,16 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
+from pathlib import Path
 from typing import List, Optional
 
+from . import __version__, resources
 from .train.config import METHODS, ConfigError, load_config
 
 USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, ValueError, TypeError)
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="TOML config file (see configs/)")
+    parser.add_argument("config", help="TOML config file, or the name of a shipped config (facd configs lists them)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one config value, e.g. --set train.batch_size=8 (repeatable)",
@@ -33,6 +41,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facd", description="Feature-domain adaptive contrastive distillation for super-resolution.")
+    parser.add_argument("--version", action="version", version=_version_line())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     teacher = commands.add_parser("train-teacher", help="train the teacher network (model.teacher) on L1 to HR")
@@ -67,9 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="teacher, three students, table and plots on the built-in photos")
     demo.add_argument("--out", default="runs/demo", help="run folder")
-    demo.add_argument("--config", default=None, help="demo config (default: configs/demo.toml)")
+    demo.add_argument("--config", default=None, help="demo config file or shipped config name (default: demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    configs = commands.add_parser("configs", help="list the shipped configs, or print one (to copy and edit)")
+    configs.add_argument("name", nargs="?", help="print this shipped config's TOML text")
     return parser
+
+
+def _version_line() -> str:
+    import torch
+
+    package = Path(__file__).resolve().parent
+    return f"facd {__version__} from {package} (torch {torch.__version__}, python {platform.python_version()})"
 
 
 def _run_training(args, mode: str) -> int:
@@ -133,6 +152,21 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _run_configs(args) -> int:
+    shipped = resources.shipped_configs()
+    if args.name is not None:
+        if args.name not in shipped:
+            raise FileNotFoundError(f"no shipped config named {args.name!r}; shipped: {', '.join(shipped)}")
+        print(shipped[args.name].read_text(), end="")
+        return 0
+    width = max(len(name) for name in shipped)
+    for name, path in shipped.items():
+        print(f"{name:<{width}}  {resources.config_summary(path)}")
+    print(f"\n(in {next(iter(shipped.values())).parent}; use a name as CONFIG, e.g. facd distill edsr_x4 --method facd,"
+          f" or copy one with facd configs NAME > my.toml)")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
@@ -142,6 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "export": lambda: _run_export(args),
         "bench": lambda: _run_bench(args),
         "demo": lambda: _run_demo(args),
+        "configs": lambda: _run_configs(args),
     }
     try:
         return handlers[args.command]()

@@ -1,24 +1,25 @@
 """Configs: TOML over defaults, --set overrides, and clear errors for unknown keys and wrong types."""
-from pathlib import Path
 
 import pytest
 
+from facd_fast import resources
 from facd_fast.train.config import (DEFAULTS, METHOD_TERMS, METHODS, ConfigError, dump_config, load_config,
                                     method_distance, parse_override)
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+CONFIGS = resources.shipped_configs()
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_load(path):
-    config = load_config(path)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_shipped_configs_load_by_path_and_by_name(name):
+    config = load_config(CONFIGS[name])
     assert set(config) == set(DEFAULTS)
+    assert load_config(name) == config == load_config(f"{name}.toml")
 
 
 @pytest.mark.parametrize("arch", ["edsr", "rcan"])
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_paper_configs_use_lr_patch_48_batch_16(arch, scale):
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{arch}_x{scale}.toml")
+    config = load_config(f"{arch}_x{scale}")
     assert config["model"]["scale"] == scale
     assert config["data"]["patch_size"] == 48 * scale
     assert config["train"]["batch_size"] == 16

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
+from ..resources import config_path
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -207,12 +209,13 @@ def parse_override(text: str) -> tuple:
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """The defaults, updated by the TOML file at ``path`` (if any), then by each ``section.key=value`` override."""
+    """The defaults, updated by the TOML file at ``path`` (if any), then by each ``section.key=value`` override.
+
+    ``path`` is a file, or the name of a shipped config (``"edsr_x4"``, see :func:`facd_fast.resources.config_path`).
+    """
     config = copy.deepcopy(DEFAULTS)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        path = config_path(path)
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as error:

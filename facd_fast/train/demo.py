@@ -1,8 +1,8 @@
 """``facd demo`` (``make demo``): FACD end to end on the built-in real photos, in minutes on a CPU.
 
 1. writes the built-in photos (training and held-out folders);
-2. takes the shipped x2 demo teacher (``checkpoints/edsr-demo-teacher-x2.pth``, made by
-   ``facd train-teacher configs/demo-teacher.toml``), or trains it when the file is absent;
+2. takes the shipped x2 demo teacher (``package:checkpoints/edsr-demo-teacher-x2.pth``, made by
+   ``facd train-teacher demo-teacher``), or trains it when the file is absent;
 3. distils three students from it with one config, changing only the method:
    the student alone ("none"), FitNet-style FD ("fd-l1") and FACD ("facd");
 4. evaluates bicubic, the students and the teacher on the held-out photos by the
@@ -19,34 +19,29 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from .. import models
+from ..resources import resolve_path
 from .config import Config, load_config
 from .evaluate import evaluate, open_benchmark
 from .plots import plot_comparison, plot_curves, super_resolve
 from .data_folders import resolve_data_dirs
 from .trainer import Trainer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.toml"
-TEACHER_CONFIG = REPO_ROOT / "configs" / "demo-teacher.toml"
-#: The teacher's training record, written beside the shipped checkpoint by ``ship_teacher``.
+#: Shipped configs (facd_fast/configs/), by name: see facd_fast.resources.config_path.
+DEMO_CONFIG = "demo"
+TEACHER_CONFIG = "demo-teacher"
+#: The teacher's training record, kept beside the shipped checkpoint (facd_fast/checkpoints/README.md).
 TEACHER_RECORD_SUFFIX = ".json"
 DEMO_METHODS = ("none", "fd-l1", "facd")
 
 
-def _repo_path(path: str) -> Path:
-    """A config path as given when it exists from here, else relative to the repository (``facd demo`` run elsewhere)."""
-    candidate = Path(path)
-    return candidate if candidate.is_absolute() or candidate.exists() else REPO_ROOT / candidate
-
-
 def _prepare_teacher(config: Config, out_dir: Path, overrides: Iterable[str]) -> Dict[str, object]:
     """The teacher checkpoint and its training time: the shipped one, or one trained now."""
-    shipped = _repo_path(config["model"]["teacher_checkpoint"])
+    shipped = resolve_path(config["model"]["teacher_checkpoint"])
     if shipped.is_file():
         record_path = shipped.with_suffix(TEACHER_RECORD_SUFFIX)
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         print(f"[demo] teacher: shipped checkpoint {shipped} (trained {record.get('elapsed_s', float('nan')):.0f} s "
-              f"with {record.get('command', 'facd train-teacher configs/demo-teacher.toml')})", flush=True)
+              f"with {record.get('command', 'facd train-teacher ' + TEACHER_CONFIG)})", flush=True)
         return {"path": shipped, "elapsed_s": record.get("elapsed_s"), "shipped": True}
     print(f"[demo] teacher: {shipped} not found, training it with {TEACHER_CONFIG}", flush=True)
     teacher_config = load_config(TEACHER_CONFIG, [f"run.out_dir={out_dir}", *overrides])

@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import data as sr_data
 from .. import metrics, models
+from ..resources import resolve_path
 from .training_state import TRAINING_STATE_KEY
 
 
@@ -18,9 +19,10 @@ def load_model(path: str | Path, *, preset: Optional[str] = None, scale: Optiona
     The architecture comes from the file (recorded by us, or inferred from a
     foreign file's key names and shapes), or from ``preset``; a file whose
     weights do not fit raises with the missing and unexpected keys.
-    ``ema`` picks a trainer checkpoint's EMA weights.
+    ``ema`` picks a trainer checkpoint's EMA weights. ``package:REL`` names a file shipped in
+    the package (:func:`facd_fast.resources.resolve_path`).
     """
-    path = Path(path)
+    path = resolve_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     # Trainer checkpoints hold RNG states (numpy arrays), which weights_only loading refuses.

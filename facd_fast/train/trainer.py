@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import data as sr_data
 from .. import metrics, models
+from ..resources import resolve_path
 from .config import Config, ConfigError, dump_config
 from .data_folders import check_folder, resolve_data_dirs
 from .distributed import init_process_group, replica_max_abs_diff
@@ -146,14 +147,16 @@ class Trainer:
 
     def _load_teacher(self) -> nn.Module:
         model_config = self.config["model"]
-        path = model_config["teacher_checkpoint"]
-        if not path:
+        setting = model_config["teacher_checkpoint"]
+        if not setting:
             raise ConfigError(f"model.teacher_checkpoint is required to distil (method {self.method!r})")
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"model.teacher_checkpoint: file {path!r} does not exist")
+        path = resolve_path(setting)
+        if not path.is_file():
+            where = "" if str(path) == setting else f" (looked for {str(path)!r})"
+            raise FileNotFoundError(f"model.teacher_checkpoint: file {setting!r} does not exist{where}")
         teacher = models.model_from_checkpoint(path, preset=model_config["teacher"], scale=model_config["scale"])
         if teacher.scale != model_config["scale"]:
-            raise ConfigError(f"the teacher in {path!r} is a x{teacher.scale} model, model.scale is {model_config['scale']}")
+            raise ConfigError(f"the teacher in {setting!r} is a x{teacher.scale} model, model.scale is {model_config['scale']}")
         teacher = teacher.to(self.device).eval().requires_grad_(False)
         if self.config["train"]["channels_last"]:
             teacher.to(memory_format=torch.channels_last)
