@@ -1,10 +1,11 @@
 # make test   set up .venv (if missing) and run the test suite
+# make dist   the sdist and the wheel (with the compiled extension) in dist/, built against .venv's torch
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.facd-installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo dist clean
 
 $(STAMP): requirements/ci.txt pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,5 +23,9 @@ test: setup
 demo: setup
 	$(BIN)/python -m facd_fast demo
 
+# --no-isolation: an isolated build would download a CUDA torch to compile against.
+dist: setup
+	$(BIN)/python -m build --no-isolation --outdir dist .
+
 clean:
-	rm -rf build *.egg-info facd_fast/*.so
+	rm -rf build dist *.egg-info facd_fast/*.so

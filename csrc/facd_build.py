@@ -33,7 +33,8 @@ def cxx_flags():
     # at::parallel_for is OpenMP code inlined into the extension (torch's CPU
     # builds use OpenMP): without -fopenmp it would silently run on one thread.
     # No -ffast-math: the kernels' results must be reproducible bit for bit.
-    return ["-O3", "-fopenmp"]
+    # -g0 overrides the -g of Python's own CFLAGS: debug info made the library 15 MB instead of 0.7 MB.
+    return ["-O3", "-fopenmp", "-g0"]
 
 
 def ld_flags():

@@ -40,7 +40,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="facd", description="Feature-domain adaptive contrastive distillation for super-resolution.")
+    # Raw text: argparse would wrap the --version line (a long path) at the terminal's width.
+    parser = argparse.ArgumentParser(prog="facd", description="Feature-domain adaptive contrastive distillation for super-resolution.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=_version_line())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
