@@ -9,6 +9,7 @@ import facd_fast
 from facd_fast import models, resources
 from facd_fast.cli import main
 from facd_fast.train.config import load_config
+from train_fixtures import write_images
 
 SHIPPED = ("demo", "demo-teacher", "edsr_x2", "edsr_x3", "edsr_x4", "rcan_x2", "rcan_x3", "rcan_x4")
 DEMO_TEACHER = "package:checkpoints/edsr-demo-teacher-x2.pth"
@@ -63,8 +64,10 @@ def test_the_demo_config_points_at_the_shipped_teacher_and_its_record():
 
 def test_a_missing_package_teacher_is_an_error_naming_the_setting(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["distill", "demo", "--set", "model.teacher_checkpoint=package:checkpoints/none.pth",
-                 "--set", "data.builtin_root=photos"]) == 2
+    write_images(tmp_path / "photos", count=1, size=48, seed=0)
+    # run.threads=0: this in-process run leaves torch's thread count alone for later tests.
+    assert main(["distill", "demo", "--set", "model.teacher_checkpoint=package:checkpoints/none.pth", "--set",
+                 "run.threads=0", "--set", "data.train_hr_dir=photos", "--set", "data.val_hr_dir=photos"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("facd: error: model.teacher_checkpoint: file 'package:checkpoints/none.pth' does not exist")
     assert str(resources.package_root() / "checkpoints" / "none.pth") in error
