@@ -1,7 +1,8 @@
 """How to build the facd_fast._C extension: its sources in link order and its compiler flags.
 
 Used by setup.py and by the JIT loader (facd_fast/ops.py), which load this
-file by path (it is build configuration, not part of the installed package).
+file by path (it is build configuration; installed packages carry a copy of
+csrc/ as facd_fast/csrc/ so that the JIT fallback can rebuild there).
 
 No ``-march``: the extension must run on any x86-64 (or other) CPU it is
 installed on. The AVX2 and AVX-512 kernels enable their instructions with a

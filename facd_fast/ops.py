@@ -10,7 +10,7 @@ The three ops and their schemas are declared in C++ (csrc/facd_ops.cpp)::
 PyTorch's dispatcher picks the kernel by the tensors' device:
 
 - CPU: the C++ kernels of csrc/facd_cpu.cpp (``TORCH_LIBRARY_IMPL(facd_fast, CPU, m)``),
-  in the ``facd_fast._C`` library loaded below (or JIT-built from csrc/);
+  in the ``facd_fast._C`` library loaded below (or JIT-built from the C++ sources, :data:`CSRC`);
 - CUDA: the Triton launchers of :mod:`facd_fast.kernels`, registered here.
   ``torch.library.triton_op`` would define a new op from the Python
   signature; the schema lives in C++, so this module registers them the
@@ -52,8 +52,11 @@ CPP, TRITON = "cpp", "triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: The kernel set PyTorch's dispatcher runs for each device type.
 KERNELS_BY_DEVICE = {"cpu": CPP, "cuda": TRITON}
-#: csrc/, next to the package in a source checkout (the JIT build's sources).
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_INSTALLED_CSRC = os.path.join(_PACKAGE, "csrc")
+#: The JIT build's sources: the copy of csrc/ an installed package carries (facd_fast/csrc/, see
+#: setup.py), else csrc/ next to the package in a source checkout.
+CSRC = _INSTALLED_CSRC if os.path.isdir(_INSTALLED_CSRC) else os.path.join(os.path.dirname(_PACKAGE), "csrc")
 JIT_NAME = "facd_fast_cpu_kernels"
 
 

@@ -129,13 +129,14 @@ def test_version_and_package_data_come_from_the_installed_wheel(installed):
 CHECK_KERNELS = """
 import importlib.util, json, torch
 import facd_fast, facd_fast._C
+from facd_fast import ops
 torch.manual_seed(0)
 student, teacher = torch.randn(3, 5, 3, 4), torch.randn(3, 5, 3, 4)
 expected = facd_fast.contrastive_loss(student, teacher, backend="reference")
-found = {"facd_fast": facd_fast.__file__, "_C": facd_fast._C.__file__,
+found = {"facd_fast": facd_fast.__file__, "_C": facd_fast._C.__file__, "csrc": ops.CSRC,
          "cpp_error": abs(facd_fast.contrastive_loss(student, teacher, backend="cpp") - expected).item()}
 if importlib.util.find_spec("triton") is not None:
-    import facd_fast.backends.triton, facd_fast.kernels.contrastive
+    import facd_fast.kernels.contrastive
     found["kernels"] = facd_fast.kernels.contrastive.__file__
     found["triton_error"] = abs(facd_fast.contrastive_loss(student, teacher, backend="triton") - expected).item()
 print(json.dumps(found))
@@ -148,6 +149,8 @@ def test_the_compiled_extension_and_the_triton_kernels_load_from_the_wheel(insta
     found = json.loads(_run(["python", "-c", CHECK_KERNELS], cwd=installed["work"], env=env).stdout)
     package = installed["purelib"] / "facd_fast"
     assert Path(found["facd_fast"]).parent == package and Path(found["_C"]).parent == package
+    # The JIT fallback (an extension that does not load against another torch) builds from the shipped sources.
+    assert Path(found["csrc"]) == package / "csrc" and (package / "csrc" / "facd_cpu.cpp").is_file()
     assert found["cpp_error"] < 1e-5
     try:
         import triton  # noqa: F401
