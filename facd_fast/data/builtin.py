@@ -62,6 +62,18 @@ def _source_path(photo: BuiltinPhoto) -> Path | None:
     return path if path.is_file() else None
 
 
+def read_builtin_photo(name: str):
+    """(H, W, 3) uint8 RGB of the built-in photo ``name`` (see BUILTIN_PHOTOS), read from its package."""
+    photo = next((p for p in BUILTIN_PHOTOS if p.name == name), None)
+    if photo is None:
+        raise ValueError(f"unknown built-in photo {name!r}; photos: {[p.name for p in BUILTIN_PHOTOS]}")
+    source = _source_path(photo)
+    if source is None:
+        raise FileNotFoundError(f"built-in photo {name} needs the {photo.package} package "
+                                f"(pip install 'facd-fast[train]')")
+    return read_rgb(source)
+
+
 def write_builtin_photos(root) -> tuple[Path, Path]:
     """Write the built-in photos as PNG into ``root/train`` and ``root/val``; returns those two folders.
 

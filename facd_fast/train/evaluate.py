@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import data as sr_data
 from .. import metrics, models
+from ..deploy import receptive_radius, super_resolve
 from ..resources import resolve_path
 from .training_state import TRAINING_STATE_KEY
 
@@ -45,12 +46,19 @@ def evaluate(
     device: str | torch.device = "cpu",
     progress: bool = False,
     label: str = "eval",
+    self_ensemble: bool = False,
+    tile: Optional[int] = None,
+    tile_overlap: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Per-image and mean Y-PSNR/SSIM of ``network`` (None: bicubic upsampling) on a :class:`BenchmarkFolder`.
 
     Outputs are clamped, quantised to uint8 and compared on Y with ``scale``
     pixels of border cropped (:func:`facd_fast.metrics.psnr_y`, :func:`ssim_y`).
-    Returns ``{"mean_psnr_y", "mean_ssim_y", "images": [{"name", "psnr_y", "ssim_y"}, ...]}``.
+    ``self_ensemble`` (x8 flips/rotations) and ``tile`` / ``tile_overlap`` run
+    the network through :func:`facd_fast.deploy.super_resolve`.
+    Returns ``{"mean_psnr_y", "mean_ssim_y", "images": [{"name", "psnr_y", "ssim_y"}, ...],
+    "self_ensemble", "tile", "tile_overlap"}`` (the last three say how the outputs were made;
+    ``tile_overlap`` is the overlap used, None untiled).
     """
     from tqdm.auto import tqdm
 
@@ -61,7 +69,8 @@ def evaluate(
         if network is None:
             sr = sr_data.imresize(lr[None], scale)[0]
         else:
-            sr = network(lr[None].to(device)).float()[0].cpu()
+            sr = super_resolve(network, lr[None].to(device), tile=tile, tile_overlap=tile_overlap,
+                               ensemble=self_ensemble).float()[0].cpu()
         sr_uint8, hr_uint8 = metrics.to_uint8_image(sr), metrics.to_uint8_image(hr)
         images.append({
             "name": name,
@@ -74,6 +83,10 @@ def evaluate(
         "mean_psnr_y": sum(i["psnr_y"] for i in images) / len(images),
         "mean_ssim_y": sum(i["ssim_y"] for i in images) / len(images),
         "images": images,
+        "self_ensemble": bool(self_ensemble and network is not None),
+        "tile": tile if network is not None else None,
+        "tile_overlap": None if tile is None or network is None else
+        (receptive_radius(network) if tile_overlap is None else tile_overlap),
     }
 
 
