@@ -2,8 +2,9 @@
 
     facd train-teacher CONFIG [--set section.key=value ...] [--resume]
     facd distill CONFIG --method {none,fd-l1,fd-l2,fakd,facd,facd-nomask} [--set ...] [--resume]
-    facd eval CHECKPOINT --hr-dir DIR --scale S [--lr-dir DIR] [--model PRESET] [--json]
-    facd export CHECKPOINT OUT [--ema]
+    facd eval CHECKPOINT --hr-dir DIR --scale S [--lr-dir DIR] [--model PRESET] [--self-ensemble] [--tile N] [--json]
+    facd upscale CHECKPOINT INPUT... --out DIR [--tile N] [--tile-overlap M] [--self-ensemble] [--device D] [--batch N]
+    facd export CHECKPOINT OUT [--ema] [--format basicsr|onnx]
     facd bench [--out DIR] [--shapes small|paper|all] [--steps N] [--skip-kernels] [--device cpu|cuda]
     facd demo [--out DIR] [--config CONFIG] [--set ...]
     facd configs [NAME]
@@ -27,7 +28,8 @@ from typing import List, Optional
 from . import __version__, resources
 from .train.config import METHODS, ConfigError, load_config
 
-USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, ValueError, TypeError)
+USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, ValueError, TypeError,
+               FileExistsError, IsADirectoryError, ImportError)
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,11 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ema", action="store_true", help="evaluate a trainer checkpoint's EMA weights")
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _add_inference_arguments(evaluate)
 
-    export = commands.add_parser("export", help="write the trained network (without DR) as a BasicSR-format file")
+    upscale = commands.add_parser("upscale", help="super-resolve image files and folders into PNGs (names kept)")
+    upscale.add_argument("checkpoint", help="exported model, trainer checkpoint or foreign BasicSR/EDSR/RCAN file")
+    upscale.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    upscale.add_argument("--out", required=True, help="output folder (INPUT's name with .png)")
+    upscale.add_argument("--model", metavar="PRESET", help="architecture preset, when the file does not record it")
+    upscale.add_argument("--scale", type=int, help="with --model: the preset's scale (default: read from the weights)")
+    upscale.add_argument("--ema", action="store_true", help="use a trainer checkpoint's EMA weights")
+    upscale.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    upscale.add_argument("--batch", type=int, default=1,
+                         help="images of one size per forward, or tiles per forward with --tile (default 1)")
+    upscale.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+    _add_inference_arguments(upscale)
+
+    export = commands.add_parser("export", help="write the trained network (without DR) as BasicSR weights or ONNX")
     export.add_argument("checkpoint", help="trainer checkpoint (or any model file)")
-    export.add_argument("out", help="output .pth path")
+    export.add_argument("out", help="output path (.pth for basicsr, .onnx for onnx)")
     export.add_argument("--ema", action="store_true", help="export the EMA weights")
+    export.add_argument("--format", choices=("basicsr", "onnx"), default="basicsr",
+                        help="basicsr: BasicSR-format weights; onnx: ONNX graph with dynamic batch, height and width, "
+                             "checked against PyTorch by ONNX Runtime on a real photo (needs the deploy extra)")
 
     bench = commands.add_parser("bench", help="the kernel and training-step benchmarks (facd_fast.bench)")
     bench.add_argument("--out", default="bench/results", help="results folder (CSV files)")
@@ -93,6 +112,28 @@ def _version_line() -> str:
     return f"facd {__version__} from {package} (torch {torch.__version__}, python {platform.python_version()})"
 
 
+def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--self-ensemble", action="store_true",
+                        help="average the outputs of the 8 flips/rotations (x8 forwards), as EDSR/CSD/DUKD report")
+    parser.add_argument("--tile", type=int, metavar="N",
+                        help="run N x N LR tiles instead of the whole image (bounded memory)")
+    parser.add_argument("--tile-overlap", type=int, metavar="M",
+                        help="LR pixels of context around each tile (default: the network's receptive radius, "
+                             "with which tiled equals whole-image output for EDSR)")
+
+
+def _check_inference_arguments(args) -> None:
+    for name in ("tile", "batch"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    if args.tile_overlap is not None:
+        if args.tile is None:
+            raise ValueError("--tile-overlap needs --tile")
+        if args.tile_overlap < 0:
+            raise ValueError(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
+
+
 def _run_training(args, mode: str) -> int:
     from .train.trainer import Trainer
 
@@ -110,11 +151,13 @@ def _run_training(args, mode: str) -> int:
 def _run_eval(args) -> int:
     from .train.evaluate import evaluate, load_model, open_benchmark
 
+    _check_inference_arguments(args)
     folder = open_benchmark(args.hr_dir, args.scale, args.lr_dir)
     network = load_model(args.checkpoint, preset=args.model, scale=args.scale, ema=args.ema)
     if network.scale != args.scale:
         raise ValueError(f"--scale {args.scale} but {args.checkpoint} holds a x{network.scale} model")
-    result = evaluate(network, folder, args.scale, device=args.device, progress=not args.json)
+    result = evaluate(network, folder, args.scale, device=args.device, progress=not args.json,
+                      self_ensemble=args.self_ensemble, tile=args.tile, tile_overlap=args.tile_overlap)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -125,12 +168,33 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _run_upscale(args) -> int:
+    from .deploy import upscale_files
+    from .train.evaluate import load_model
+
+    _check_inference_arguments(args)
+    network = load_model(args.checkpoint, preset=args.model, scale=args.scale, ema=args.ema)
+    written = upscale_files(network, args.inputs, args.out, tile=args.tile, tile_overlap=args.tile_overlap,
+                            ensemble=args.self_ensemble, device=args.device, batch=args.batch,
+                            overwrite=args.overwrite)
+    print(f"wrote {len(written)} image(s) to {args.out} (x{network.scale})")
+    return 0
+
+
 def _run_export(args) -> int:
     from .models import save_checkpoint_basicsr
     from .train.evaluate import load_model
 
-    path = save_checkpoint_basicsr(load_model(args.checkpoint, ema=args.ema), args.out)
-    print(f"wrote {path}")
+    network = load_model(args.checkpoint, ema=args.ema)
+    if args.format == "basicsr":
+        print(f"wrote {save_checkpoint_basicsr(network, args.out)}")
+        return 0
+    from .deploy.onnx_export import export_onnx
+
+    report = export_onnx(network, args.out)
+    checks = ", ".join(f"{'x'.join(map(str, c['shape'][2:]))}: {c['max_abs_diff']:.2e}" for c in report["checks"])
+    print(f"wrote {report['path']} (ONNX opset {report['opset']}, dynamic N/H/W); ONNX Runtime vs PyTorch on a "
+          f"real photo, max abs diff {checks} (tolerance {report['tolerance']:g})")
     return 0
 
 
@@ -175,6 +239,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "train-teacher": lambda: _run_training(args, "teacher"),
         "distill": lambda: _run_training(args, "distill"),
         "eval": lambda: _run_eval(args),
+        "upscale": lambda: _run_upscale(args),
         "export": lambda: _run_export(args),
         "bench": lambda: _run_bench(args),
         "demo": lambda: _run_demo(args),
