@@ -11,7 +11,7 @@ $(STAMP): requirements/ci.txt pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --quiet -r requirements/ci.txt
-	$(BIN)/python -m pip install --quiet --no-build-isolation -c requirements/ci.txt -e ".[test,train]"
+	$(BIN)/python -m pip install --quiet --no-build-isolation -c requirements/ci.txt -e ".[test,train,deploy]"
 	touch $(STAMP)
 
 setup: $(STAMP)
