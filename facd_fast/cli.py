@@ -6,6 +6,7 @@
     facd upscale CHECKPOINT INPUT... --out DIR [--tile N] [--tile-overlap M] [--self-ensemble] [--device D] [--batch N]
     facd export CHECKPOINT OUT [--ema] [--format basicsr|onnx]
     facd bench [--out DIR] [--shapes small|paper|all] [--steps N] [--skip-kernels] [--device cpu|cuda]
+    facd bench --latency [--out DIR] [--demo-dir DIR]
     facd demo [--out DIR] [--config CONFIG] [--set ...]
     facd configs [NAME]
     facd --version
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=None, help="timed steps per case (default 3 on CPU, 20 on CUDA)")
     bench.add_argument("--skip-kernels", action="store_true", help="run the training-step benchmark only")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    bench.add_argument("--latency", action="store_true",
+                       help="run the latency benchmark instead (facd_fast.bench.latency: the demo teacher and "
+                            "students, eager / torch.compile / ONNX Runtime, 1 and 2 CPU threads, with Y-PSNR)")
+    bench.add_argument("--demo-dir", default="runs/demo", help="with --latency: where `facd demo` wrote the students")
 
     demo = commands.add_parser("demo", help="teacher, three students, table and plots on the built-in photos")
     demo.add_argument("--out", default="runs/demo", help="run folder")
@@ -201,6 +206,11 @@ def _run_export(args) -> int:
 def _run_bench(args) -> int:
     from .bench.train_step import run_step_benchmark
 
+    if args.latency:
+        from .bench import latency
+
+        latency.run(out_dir=args.out, demo_dir=args.demo_dir)
+        return 0
     if not args.skip_kernels:
         from .bench import kernels
 
