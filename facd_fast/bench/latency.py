@@ -15,8 +15,10 @@ checked against PyTorch on a real photo when written; ONNX Runtime's CPU
 provider with that many intra-op threads). Thread counts: 1 and 2.
 
 Each row: median, p20 and p80 of the timed forwards (after one untimed
-warm-up), images/s = 1000 / median, parameters, and FLOPs of one forward
-counted by ``torch.utils.flop_counter`` (2 per multiply-add). Writes
+warm-up), images/s = 1000 / median, parameters, FLOPs of one forward
+counted by ``torch.utils.flop_counter`` (2 per multiply-add), and the
+machine's 1-minute load average at the end of the timed loop (on a shared
+machine, other work inflates the times, the 2-thread ones most). Writes
 ``latency.csv`` and ``latency.png`` (Y-PSNR against median latency) into the
 results folder.
 
@@ -49,7 +51,7 @@ INPUTS = {2: (256, 256), 4: (180, 320)}
 X4_PRESETS = ("edsr-demo-teacher", "edsr-demo-student", "edsr-student", "rcan-student")
 DEMO_STUDENTS = ("none", "fd-l1", "facd")
 FIELDS = ["model", "weights", "scale", "input", "params", "gflops", "psnr_y", "provider", "threads", "reps",
-          "median_ms", "p20_ms", "p80_ms", "images_per_s", "versions", "host"]
+          "median_ms", "p20_ms", "p80_ms", "images_per_s", "load_1min", "versions", "host"]
 
 
 @dataclass
@@ -161,6 +163,7 @@ def benchmark_models(latency_models: Sequence[LatencyModel], scale: int, onnx_di
                     forward = _runner(model, provider, thread_count, lr, onnx_path)
                     with timing_guard():
                         times = time_cpu(forward, min_reps, max_reps, budget_s)
+                        load = os.getloadavg()[0]  # other work on the machine while timing, for the reader
                     p20, p50, p80 = quantiles(times)
                     rows.append({
                         "model": model.name, "weights": model.weights, "scale": scale, "input": f"{width}x{height}",
@@ -168,6 +171,7 @@ def benchmark_models(latency_models: Sequence[LatencyModel], scale: int, onnx_di
                         "psnr_y": "" if model.psnr_y is None else round(model.psnr_y, 3), "provider": provider,
                         "threads": thread_count, "reps": len(times), "median_ms": round(p50, 3),
                         "p20_ms": round(p20, 3), "p80_ms": round(p80, 3), "images_per_s": round(1e3 / p50, 3),
+                        "load_1min": round(load, 2),
                         "versions": _versions(), "host": f"{platform.machine()}, {os.cpu_count()} cores",
                     })
                     print(f"[latency] {model.name:<28} x{scale} {provider:<11} {thread_count} thr "
@@ -185,7 +189,8 @@ def write_csv(rows: Sequence[Dict[str, object]], path: Path) -> None:
 
 def markdown_table(rows: Sequence[Dict[str, object]]) -> str:
     """One line per model: params, GFLOPs, Y-PSNR and the median ms of each provider x thread count."""
-    columns = [(p, t) for p in PROVIDERS for t in THREADS if any(r["provider"] == p and r["threads"] == t for r in rows)]
+    measured = {(r["provider"], r["threads"]) for r in rows}
+    columns = [(p, t) for p in PROVIDERS for t in THREADS if (p, t) in measured]
     header = ["model", "input -> output", "weights", "params", "GFLOPs", "Y-PSNR (dB)"]
     header += [f"{p} {t}T (ms)" for p, t in columns] + ["best img/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -96,6 +96,10 @@ def _spans(length: int, tile: int, overlap: int) -> Iterator[tuple[slice, slice]
         yield slice(max(0, start - overlap), min(length, stop + overlap)), slice(start, stop)
 
 
+def _scaled(span: slice, scale: int, origin: int = 0) -> slice:
+    return slice((span.start - origin) * scale, (span.stop - origin) * scale)
+
+
 def tiled_forward(forward: Forward, lr: Tensor, scale: int, tile: int, overlap: int, batch: int = 1) -> Tensor:
     """``forward(lr)`` computed on tiles, so memory is bounded by the tile size, not the image size.
 
@@ -119,7 +123,8 @@ def tiled_forward(forward: Forward, lr: Tensor, scale: int, tile: int, overlap: 
     edge see zero padding where the image has content: seams, fading with the
     distance from the edge.
     """
-    tile, overlap, batch = _check_int("tile", tile, 1), _check_int("tile overlap", overlap, 0), _check_int("batch", batch, 1)
+    tile, overlap = _check_int("tile", tile, 1), _check_int("tile overlap", overlap, 0)
+    batch = _check_int("batch", batch, 1)
     if lr.dim() != 4:
         raise ValueError(f"lr must be (B, C, H, W), got shape {tuple(lr.shape)}")
     height, width = lr.shape[-2:]
@@ -137,11 +142,11 @@ def tiled_forward(forward: Forward, lr: Tensor, scale: int, tile: int, overlap: 
             if out is None:
                 out = sr.new_empty(lr.shape[0], sr.shape[1], height * scale, width * scale)
             for index, (rows, cols, core_rows, core_cols) in enumerate(chunk):
-                top, left = (core_rows.start - rows.start) * scale, (core_cols.start - cols.start) * scale
                 tile_sr = sr[index * lr.shape[0]:(index + 1) * lr.shape[0]]
-                out[:, :, core_rows.start * scale:core_rows.stop * scale, core_cols.start * scale:core_cols.stop * scale] = \
-                    tile_sr[:, :, top:top + (core_rows.stop - core_rows.start) * scale,
-                            left:left + (core_cols.stop - core_cols.start) * scale]
+                # The core, in HR pixels: where it lies in the image, and where in this tile's output.
+                out_rows, out_cols = _scaled(core_rows, scale), _scaled(core_cols, scale)
+                in_rows, in_cols = _scaled(core_rows, scale, rows.start), _scaled(core_cols, scale, cols.start)
+                out[:, :, out_rows, out_cols] = tile_sr[:, :, in_rows, in_cols]
     return out
 
 

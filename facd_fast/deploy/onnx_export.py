@@ -38,7 +38,8 @@ def _require(module: str):
                           f"(onnx, onnxruntime, onnxscript)") from None
 
 
-def check_crops(photo: Optional[np.ndarray] = None, sizes: Sequence[tuple[int, int]] = CHECK_SIZES) -> list[torch.Tensor]:
+def check_crops(photo: Optional[np.ndarray] = None,
+                sizes: Sequence[tuple[int, int]] = CHECK_SIZES) -> list[torch.Tensor]:
     """Centre crops (1, 3, h, w) float32 of a real photo (default: the built-in ``CHECK_PHOTO``), one per size."""
     photo = read_builtin_photo(CHECK_PHOTO) if photo is None else photo
     image = images.to_tensor(photo)

@@ -52,7 +52,8 @@ def plan_outputs(files: Sequence[Path], out_dir: Path, overwrite: bool = False) 
     seen: dict[Path, Path] = {}
     for source, target in zip(files, outputs):
         if target in seen:
-            raise ValueError(f"inputs {str(seen[target])!r} and {str(source)!r} would both be written to {str(target)!r}")
+            raise ValueError(f"inputs {str(seen[target])!r} and {str(source)!r} would both be written to "
+                             f"{str(target)!r}")
         seen[target] = source
     sources = {path.resolve() for path in files}
     for target in outputs:
