@@ -278,8 +278,9 @@ def run(out_dir: str | Path = "bench/results", demo_dir: str | Path = "runs/demo
 
 
 def demo_teacher_checkpoint() -> Path:
-    """The teacher checkpoint of the demo config, found where ``facd demo`` finds it."""
+    """The teacher checkpoint of the demo config (the shipped one), found where ``facd demo`` finds it."""
+    from ..resources import resolve_path
     from ..train.config import load_config
-    from ..train.demo import DEMO_CONFIG, _repo_path
+    from ..train.demo import DEMO_CONFIG
 
-    return _repo_path(load_config(DEMO_CONFIG, [])["model"]["teacher_checkpoint"])
+    return resolve_path(load_config(DEMO_CONFIG, [])["model"]["teacher_checkpoint"])
