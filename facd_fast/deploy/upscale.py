@@ -80,6 +80,8 @@ def upscale_files(network: nn.Module, inputs: Iterable[str | Path], out_dir: str
     """
     from tqdm.auto import tqdm
 
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"--batch must be an int >= 1, got {batch!r}")
     files = collect_inputs(inputs)
     out_dir = Path(out_dir)
     outputs = plan_outputs(files, out_dir, overwrite)
