@@ -14,8 +14,9 @@ at, since Inductor's CPU kernels fix their thread count when generated) and
 checked against PyTorch on a real photo when written; ONNX Runtime's CPU
 provider with that many intra-op threads). Thread counts: 1 and 2.
 
-Each row: median, p20 and p80 of the timed forwards (after one untimed
-warm-up), images/s = 1000 / median, parameters, FLOPs of one forward
+The providers take turns (one forward each per round, at least 3 rounds),
+so a change in the machine's load falls on all of them alike. Each row:
+median, p20 and p80 of the timed forwards (after one untimed warm-up), images/s = 1000 / median, parameters, FLOPs of one forward
 counted by ``torch.utils.flop_counter`` (2 per multiply-add), and the
 machine's 1-minute load average at the end of the timed loop (on a shared
 machine, other work inflates the times, the 2-thread ones most). Writes
@@ -41,7 +42,7 @@ from torch import nn
 
 from .. import data, models
 from ..deploy.onnx_export import export_onnx, onnx_session
-from .kernels import quantiles, time_cpu
+from .kernels import quantiles
 
 PROVIDERS = ("eager", "compile", "onnxruntime")
 THREADS = (1, 2)
@@ -125,6 +126,26 @@ def _runner(model: LatencyModel, provider: str, threads: int, lr: torch.Tensor, 
     return forward
 
 
+def time_interleaved(forwards: Dict[str, Callable[[], None]], min_reps: int, max_reps: int,
+                     budget_s: float) -> Dict[str, List[float]]:
+    """Milliseconds of each call, the providers taking turns, one call each per round.
+
+    A change in the machine's load then falls on every provider alike, so the
+    providers' medians compare side by side. At least ``min_reps`` rounds,
+    more while under ``budget_s`` seconds, at most ``max_reps``.
+    """
+    times: Dict[str, List[float]] = {name: [] for name in forwards}
+    started = time.perf_counter()
+    rounds = 0
+    while rounds < max_reps and (rounds < min_reps or time.perf_counter() - started < budget_s):
+        for name, forward in forwards.items():
+            call_started = time.perf_counter()
+            forward()
+            times[name].append((time.perf_counter() - call_started) * 1e3)
+        rounds += 1
+    return times
+
+
 def _versions() -> str:
     import onnxruntime
 
@@ -158,12 +179,13 @@ def benchmark_models(latency_models: Sequence[LatencyModel], scale: int, onnx_di
             if "onnxruntime" in providers:
                 export_onnx(model.network, onnx_path)
             flops = count_flops(model.network, lr)
-            for provider in providers:
-                for thread_count in threads:
-                    forward = _runner(model, provider, thread_count, lr, onnx_path)
-                    with timing_guard():
-                        times = time_cpu(forward, min_reps, max_reps, budget_s)
-                        load = os.getloadavg()[0]  # other work on the machine while timing, for the reader
+            for thread_count in threads:
+                forwards = {provider: _runner(model, provider, thread_count, lr, onnx_path)
+                            for provider in providers}
+                with timing_guard():
+                    all_times = time_interleaved(forwards, min_reps, max_reps, budget_s)
+                    load = os.getloadavg()[0]  # other work on the machine while timing, for the reader
+                for provider, times in all_times.items():
                     p20, p50, p80 = quantiles(times)
                     rows.append({
                         "model": model.name, "weights": model.weights, "scale": scale, "input": f"{width}x{height}",
