@@ -31,7 +31,8 @@ from facd_fast.kernels import contrastive, patch_mse  # noqa: E402
 
 #: Launch keywords that are compile options, not kernel arguments.
 _COMPILE_OPTIONS = ("enable_fp_fusion", "num_warps", "num_stages")
-_POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+_POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
+                  torch.int8: "*i8", torch.int16: "*i16"}
 
 
 class LaunchRecorder:
@@ -81,6 +82,7 @@ def _signature(kernel, args):
 
 def _install_recorders(launches):
     for module in (contrastive, patch_mse):
+        module.wrap_triton = lambda kernel: kernel  # the launchers wrap for torch.compile; a recorder needs no wrapping
         for name, value in vars(module).items():
             if isinstance(value, triton.runtime.JITFunction) and name.endswith("_kernel"):
                 value.constexprs_names = {value.arg_names[i] for i in value.constexprs}
@@ -97,11 +99,17 @@ def _run_launchers(shape, dtypes):
         teacher = torch.randn(batch, channels, height, width, dtype=dtype)
         negatives = torch.randn(batch, n_negatives, channels, height, width, dtype=dtype)
         grad = torch.ones(batch, dtype=contrastive.compute_dtype(dtype))
-        for explicit, distance, normalize in itertools.product((None, negatives), ("l1", "l2"), ("channel", "none")):
-            contrastive.feature_distances_forward(student, teacher, explicit, distance, normalize)
+        cases = itertools.product((None, negatives), ("l1", "l2"), ("channel", "none"), (False, True))
+        for explicit, distance, normalize, keep_state in cases:
+            *_, saved = contrastive.feature_distances_forward(student, teacher, explicit, distance, normalize,
+                                                              keep_state)
             contrastive.feature_distances_backward(
-                grad, grad, student, teacher, explicit, distance, normalize, True, True, explicit is not None
+                grad, grad, student, teacher, explicit, saved, distance, normalize, [True, True, explicit is not None]
             )
+            if explicit is None:  # the student's gradient alone (from the saved sign sums for l1)
+                contrastive.feature_distances_backward(
+                    grad, grad, student, teacher, None, saved, distance, normalize, [True, False, False]
+                )
         patch_mse.patch_mse(student[:, :3], teacher[:, :3], student[:, :3])
 
 

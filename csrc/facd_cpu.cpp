@@ -178,46 +178,85 @@ at::Tensor tensor_of(std::vector<double> values, at::IntArrayRef shape, const at
 // and never an alias of another output.
 at::Tensor not_computed(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
+// The SignState in `saved` (see facd_cpu.h): (2, B, C, H, W) contiguous, int8 for B <= 128, else int16.
+SignState sign_state(const DistanceProblem& problem, const at::Tensor& saved) {
+  check_cpu(saved, "saved");
+  TORCH_CHECK(problem.in_batch() && problem.distance == Distance::L1,
+              "saved sign sums come only from l1 with in-batch negatives");
+  TORCH_CHECK(problem.batch <= 32768, "saved sign sums need B <= 32768, got B=", problem.batch);
+  const at::ScalarType expected = problem.batch <= 128 ? at::kChar : at::kShort;
+  TORCH_CHECK_TYPE(saved.scalar_type() == expected, "saved must be ", expected, " for B=", problem.batch, ", got ",
+                   saved.scalar_type());
+  const std::vector<int64_t> shape{2, problem.batch, problem.channels, problem.height, problem.width};
+  TORCH_CHECK(saved.sizes() == at::IntArrayRef(shape) && saved.is_contiguous(),
+              "saved must be a contiguous tensor of shape ", at::IntArrayRef(shape), ", got ", saved.sizes());
+  SignState result;
+  result.data = saved.data_ptr();
+  result.wide = expected == at::kShort;
+  result.plane = problem.batch * problem.channels * problem.height * problem.width;
+  return result;
+}
+
 }  // namespace
 
 // d_pos, d_neg (B,) in float32 (float64 for float64 inputs), see
-// reference.feature_distances; saved: nothing (an empty tensor), the
-// backward re-reads the inputs.
+// reference.feature_distances. saved: with keep_state, l1 and in-batch
+// negatives, the per-element sign sums the student's backward needs (a
+// SignState: (2, B, C, H, W) int8 for B <= 128, int16 beyond); else nothing
+// (an empty tensor) and the backward re-reads the inputs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_distances(const at::Tensor& student, const at::Tensor& teacher,
                                                                  const std::optional<at::Tensor>& negatives,
                                                                  c10::string_view distance,
-                                                                 c10::string_view normalize) {
+                                                                 c10::string_view normalize, bool keep_state) {
   DistanceProblem problem =
       distance_problem(student, teacher, negatives, std::string(distance), std::string(normalize));
-  const std::vector<double> sums = pair_sums(problem);
+  at::Tensor saved = at::empty({0}, student.options().dtype(at::kChar));
+  if (keep_state && problem.in_batch() && problem.distance == Distance::L1) {
+    TORCH_CHECK(problem.batch <= 32768, "l1 with in-batch negatives keeps its sign sums for B <= 32768, got B=",
+                problem.batch);
+    saved = at::empty({2, problem.batch, problem.channels, problem.height, problem.width},
+                      student.options().dtype(problem.batch <= 128 ? at::kChar : at::kShort));
+  }
   const double elements = static_cast<double>(problem.channels * problem.height * problem.width);
   const int64_t batch = problem.batch;
-  std::vector<double> pos(batch), neg(batch);
-  for (int64_t i = 0; i < batch; ++i) {
-    double negative_total = 0.0;
-    if (problem.in_batch()) {
-      for (int64_t k = 0; k < batch; ++k)
-        if (k != i) negative_total += sums[i * batch + k];
-      pos[i] = sums[i * batch + i] / elements;
-      neg[i] = negative_total / static_cast<double>(batch - 1) / elements;
-    } else {
-      const int64_t targets = problem.group_targets();
+  std::vector<double> pos(batch, 0.0), neg(batch, 0.0);
+  if (problem.in_batch()) {
+    const SignState state = saved.numel() > 0 ? sign_state(problem, saved) : SignState{};
+    std::vector<double> partial(problem.tiles * batch * 2);
+    const KernelTable* kernels = active_kernels();
+    at::parallel_for(0, problem.blocks, 1, [&](int64_t begin, int64_t end) {
+      kernels->in_batch_sums(problem, begin, end, partial.data(), state);
+    });
+    for (int64_t tile = 0; tile < problem.tiles; ++tile)  // in tile order: the same bits for any thread count
+      for (int64_t i = 0; i < batch; ++i) {
+        pos[i] += partial[(tile * batch + i) * 2];
+        neg[i] += partial[(tile * batch + i) * 2 + 1];
+      }
+    for (int64_t i = 0; i < batch; ++i) {
+      pos[i] /= elements;
+      neg[i] /= static_cast<double>(batch - 1) * elements;
+    }
+  } else {
+    const std::vector<double> sums = pair_sums(problem);
+    const int64_t targets = problem.group_targets();
+    for (int64_t i = 0; i < batch; ++i) {
+      double negative_total = 0.0;
       for (int64_t k = 1; k < targets; ++k) negative_total += sums[i * targets + k];
       pos[i] = sums[i * targets] / elements;
       neg[i] = negative_total / static_cast<double>(targets - 1) / elements;
     }
   }
   const auto options = student.options().dtype(compute_type(student.scalar_type()));
-  return {tensor_of(pos, {batch}, options), tensor_of(neg, {batch}, options),
-          at::empty({0}, student.options().dtype(at::kChar))};
+  return {tensor_of(pos, {batch}, options), tensor_of(neg, {batch}, options), saved};
 }
 
 // Gradients of sum_i grad_pos[i] d_pos[i] + grad_neg[i] d_neg[i], each shaped,
-// typed and laid out like its input where output_mask asks for it.
+// typed and laid out like its input where output_mask asks for it. saved:
+// what the forward kept (an empty tensor: nothing).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_distances_backward(
     const at::Tensor& grad_pos, const at::Tensor& grad_neg, const at::Tensor& student, const at::Tensor& teacher,
-    const std::optional<at::Tensor>& negatives, const at::Tensor& /*saved: the forward keeps nothing*/,
-    c10::string_view distance, c10::string_view normalize, std::array<bool, 3> output_mask) {
+    const std::optional<at::Tensor>& negatives, const at::Tensor& saved, c10::string_view distance,
+    c10::string_view normalize, std::array<bool, 3> output_mask) {
   DistanceProblem problem =
       distance_problem(student, teacher, negatives, std::string(distance), std::string(normalize));
   const int64_t batch = problem.batch, targets = problem.group_targets();
@@ -237,6 +276,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_distances_backward(
   if (output_mask[1]) outputs.teacher = feature_rows(grad_teacher, "grad_teacher");
   if (output_mask[2]) outputs.negatives = negative_rows(grad_negatives, "grad_negatives");
   if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {grad_student, grad_teacher, grad_negatives};
+  const KernelTable* kernels = active_kernels();
+
+  // In-batch: l2 in closed form for both; l1's student from the forward's sign
+  // sums when it kept them (the teacher's then takes the pair sweep below).
+  const bool from_state = problem.in_batch() && output_mask[0] && saved.numel() > 0;
+  if (problem.in_batch() && (problem.distance == Distance::L2 || from_state)) {
+    const SignState state = from_state ? sign_state(problem, saved) : SignState{};
+    const at::Tensor gp = grad_pos.to(at::kDouble).contiguous(), gn = grad_neg.to(at::kDouble).contiguous();
+    GradientOutputs closed = outputs;
+    if (problem.distance == Distance::L1) closed.teacher = FeatureRows{};
+    at::parallel_for(0, problem.blocks, 1, [&](int64_t begin, int64_t end) {
+      kernels->in_batch_gradients(problem, gp.data_ptr<double>(), gn.data_ptr<double>(), state, closed, begin, end);
+    });
+    if (problem.distance == Distance::L2 || !output_mask[1]) return {grad_student, grad_teacher, grad_negatives};
+    outputs.student = FeatureRows{};
+  }
 
   // dL/d(pair sum): d_pos = sum / N, d_neg = mean over the negatives of sum / N.
   // l2's psi'(d) = 2 d: the kernels use d and get the 2 here.
@@ -253,7 +308,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_distances_backward(
       weights[i * targets + k] = (positive ? pos[i] : negative_weight) * scale;
     }
   }
-  const KernelTable* kernels = active_kernels();
   at::parallel_for(0, problem.blocks, 1, [&](int64_t begin, int64_t end) {
     kernels->distance_gradients(problem, weights.data(), outputs, begin, end);
   });

@@ -80,6 +80,18 @@ struct GradientOutputs {
   FeatureRows student, teacher, negatives;
 };
 
+// What the l1 in-batch forward keeps for the student's gradient: per element
+// of s_hat_i, sign(s_hat_i - t_hat_i) (plane 0) and the sum over k != i of
+// sign(s_hat_i - t_hat_k) (plane 1), both exact integers, as int8 (B <= 128)
+// or int16. Layout (2, B, C*H*W), each row ordered tile by tile: tile t of
+// row i starts at i * C*H*W + t * C * positions_per_tile and holds a
+// (C, positions of the tile) row-major block (only the last tile is partial).
+struct SignState {
+  void* data = nullptr;  // nullptr: not kept
+  bool wide = false;     // int16 instead of int8
+  int64_t plane = 0;     // elements per plane: B * C * H * W
+};
+
 // The kernels of one instruction set. Each processes blocks [block_begin, block_end).
 struct KernelTable {
   const char* name;
@@ -92,6 +104,23 @@ struct KernelTable {
   // gradient of every element of the blocks' positions in each present output.
   void (*distance_gradients)(const DistanceProblem&, const double* weights, const GradientOutputs&,
                              int64_t block_begin, int64_t block_end);
+  // In-batch negatives only. partial: (tiles, B, 2) float64; writes, for the
+  // blocks' tiles, partial[tile][i] = {sum psi(s_hat_i - t_hat_i), sum over
+  // k != i of sum psi(s_hat_i - t_hat_k)} over the tile's elements. l1 sweeps
+  // the B x B pairs once and, if state.data, writes the SignState of the
+  // blocks' positions; l2 uses the closed form
+  // sum_{k != i} (a - t_k)^2 = B (a - m)^2 + sum_k (t_k - m)^2 - (a - t_i)^2,
+  // m = mean_k t_k, per element: O(B C H W), no pairs.
+  void (*in_batch_sums)(const DistanceProblem&, int64_t block_begin, int64_t block_end, double* partial,
+                        const SignState& state);
+  // In-batch negatives only. grad_pos, grad_neg: (B,) float64 upstream
+  // gradients of d_pos, d_neg. l1: the student's gradient from the SignState
+  // (one elementwise pass and the normalisation's chain rule); outputs.teacher
+  // must be absent. l2: student's and teacher's gradients in closed form.
+  // A row whose upstream gradients are both 0 gets exactly 0, whatever its
+  // features hold (its features are not read).
+  void (*in_batch_gradients)(const DistanceProblem&, const double* grad_pos, const double* grad_neg,
+                             const SignState& state, const GradientOutputs&, int64_t block_begin, int64_t block_end);
 };
 
 // nullptr where the instruction set is not compiled in (non-x86, non-GCC-compatible compiler).

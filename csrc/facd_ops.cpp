@@ -10,10 +10,12 @@
 TORCH_LIBRARY(facd_fast, m) {
   // d_pos, d_neg: (B,) in float32 (float64 for float64 inputs), see
   // facd_fast.reference.feature_distances. saved: what the kernel keeps for
-  // its backward, kernel-defined (an empty tensor when it keeps nothing).
+  // its backward, kernel-defined (an empty tensor when it keeps nothing);
+  // keep_state: the student's gradient will be asked for, so keep what makes
+  // its backward cheap (l1 with in-batch negatives: the per-element sign sums).
   m.def(
-      "feature_distances(Tensor student, Tensor teacher, Tensor? negatives, str distance, str normalize) "
-      "-> (Tensor d_pos, Tensor d_neg, Tensor saved)");
+      "feature_distances(Tensor student, Tensor teacher, Tensor? negatives, str distance, str normalize, "
+      "bool keep_state=False) -> (Tensor d_pos, Tensor d_neg, Tensor saved)");
   // Gradients of sum(grad_pos * d_pos + grad_neg * d_neg) w.r.t. student,
   // teacher, negatives, each shaped and typed like its input where
   // output_mask asks for it, an empty tensor where not.

@@ -11,7 +11,9 @@ that is set; where no kernel set runs, it falls back to the reference with
 one warning.
 
 NaN or Inf in the features propagate to the result, as in torch's losses;
-a NaN on a masked-out patch is dropped with the patch.
+a NaN on a masked-out patch is dropped with the patch, and the patch's student
+feature gets exactly zero gradient whatever it holds (its teacher feature
+still serves as a negative for the other patches).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
-from .definition import compute_dtype, contrastive_ratio, mask_from_mse
+from .definition import compute_dtype, contrastive_ratio, keeps_sign_state, mask_from_mse
 
 DISTANCES = ("l1", "l2")
 NORMALIZATIONS = ("channel", "none")
@@ -120,21 +122,29 @@ def available_backends() -> List[str]:
     return ["reference", *(name for name in (ops.CPP, ops.TRITON) if name not in ops.UNAVAILABLE)]
 
 
-def feature_distances(student, teacher, negatives, distance, normalize, backend="auto") -> Tuple[Tensor, Tensor]:
+def feature_distances(student, teacher, negatives, distance, normalize, backend="auto",
+                      mask=None) -> Tuple[Tensor, Tensor]:
     """(d_pos, d_neg), each (B,) in compute_dtype, from the backend that runs for the inputs' device.
 
     The distances :func:`contrastive_loss` is made of (see
     :func:`facd_fast.reference.feature_distances`), for inputs it has checked.
+    ``mask``: the loss's mask, if any; the reference then never reads a
+    masked-out student (the kernels skip a patch whose upstream gradients are 0).
     """
     name = resolve_backend(backend, student.device.type)
     if name == "reference":
+        if mask is not None:
+            student = reference.drop_masked_students(student, mask)
         dtype = compute_dtype(student.dtype)
         return reference.feature_distances(
             student.to(dtype), teacher.to(dtype), None if negatives is None else negatives.to(dtype),
             distance, normalize,
         )
     ops.use_kernels(name, student.device.type)
-    d_pos, d_neg, _ = torch.ops.facd_fast.feature_distances(student, teacher, negatives, distance, normalize)
+    # the sign sums of l1's one-pass student backward, only when that backward will run
+    keep_state = keeps_sign_state(negatives, distance) and torch.is_grad_enabled() and student.requires_grad
+    d_pos, d_neg, _ = torch.ops.facd_fast.feature_distances(student, teacher, negatives, distance, normalize,
+                                                            keep_state)
     return d_pos, d_neg
 
 
@@ -160,7 +170,9 @@ def contrastive_loss(
             patch i; None (default) uses in-batch negatives, the teacher
             features of every other patch (needs B >= 2).
         mask: (B,) of 0/1 (bool or numeric) or None; patches with 0 add
-            nothing and get no gradient. The mask itself gets no gradient.
+            nothing, and their student features get exactly zero gradient
+            whatever they hold (their teacher features still serve as
+            negatives for the other patches). The mask gets no gradient.
         distance: ``"l1"`` (mean absolute difference) or ``"l2"`` (mean
             squared difference) over C*H*W.
         normalize: ``"channel"`` divides each position's C-vector by its L2
@@ -214,7 +226,7 @@ def contrastive_loss(
     _check_positive_real("eps", eps)
     _check_backend(backend)
 
-    d_pos, d_neg = feature_distances(student, teacher, negatives, distance, normalize, backend)
+    d_pos, d_neg = feature_distances(student, teacher, negatives, distance, normalize, backend, mask)
     return contrastive_ratio(d_pos, d_neg, mask, eps, reduction).to(student.dtype)
 
 

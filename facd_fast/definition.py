@@ -22,6 +22,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def sign_state_dtype(batch: int) -> torch.dtype:
+    """Integer dtype of the fused l1 kernels' saved per-element sign sums (|sum| <= B - 1): int8 up to B = 128."""
+    return torch.int8 if batch <= 128 else torch.int16
+
+
+def keeps_sign_state(negatives: Optional[Tensor], distance: str) -> bool:
+    """Whether the fused forward can keep sign sums for a one-pass student backward: l1, in-batch negatives."""
+    return negatives is None and distance == "l1"
+
+
 def contrastive_ratio(
     d_pos: Tensor,
     d_neg: Tensor,
@@ -35,10 +45,13 @@ def contrastive_ratio(
     sum_i m_i l_i / B (masked patches still count in B), ``sum`` is
     sum_i m_i l_i, ``none`` is the (B,) vector m_i l_i.
     """
-    per_patch = d_pos / (d_neg + eps)
     if mask is not None:
-        # where(), not a product, so that a NaN on a masked patch is dropped too.
-        per_patch = torch.where(mask.to(torch.bool), per_patch, torch.zeros_like(per_patch))
+        # where(), not a product, and before the division: a NaN on a masked patch is dropped, and the
+        # patch's distances get exactly 0 as gradient (0 / NaN would be NaN after the division).
+        keep = mask.to(torch.bool)
+        d_pos = torch.where(keep, d_pos, torch.zeros_like(d_pos))
+        d_neg = torch.where(keep, d_neg, torch.zeros_like(d_neg))
+    per_patch = d_pos / (d_neg + eps)
     if reduction == "none":
         return per_patch
     total = per_patch.sum()

@@ -22,7 +22,11 @@ PyTorch's dispatcher picks the kernel by the tensors' device:
 Here too: the fake (meta) kernels and the autograd formula of
 ``feature_distances`` (its backward is the ``feature_distances_backward`` op,
 whatever the device). ``saved`` is what a forward kernel keeps for its
-backward: kernel-defined, an empty tensor when it keeps nothing.
+backward: with ``keep_state`` (the caller will ask for the student's
+gradient), l1 and in-batch negatives, the per-element sign sums that make the
+student's backward one elementwise pass ((2, B, C, H, W) int8 for B <= 128:
+2 bytes per student element, on both devices); an empty tensor otherwise
+(l2 in-batch runs in closed form and keeps nothing).
 
 The extension carries the schemas: when it cannot be loaded (no compiler for
 a source checkout) there are no ops, and :mod:`facd_fast.api` falls back to
@@ -44,7 +48,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .definition import compute_dtype
+from .definition import compute_dtype, keeps_sign_state, sign_state_dtype
 
 #: The fused kernel sets, by the device types whose tensors they serve.
 CPP, TRITON = "cpp", "triton"
@@ -99,10 +103,19 @@ def _nothing_saved(like: Tensor) -> Tensor:
     return like.new_empty((0,), dtype=torch.int8)
 
 
-def _feature_distances_fake(student, teacher, negatives, distance, normalize):
+def _saved_fake(student, negatives, distance, keep_state) -> Tensor:
+    """``saved`` of the forward kernels (C++ and Triton alike): with keep_state, l1 and in-batch negatives, the
+    (2, B, C, H, W) per-element sign sums (``sign_state_dtype(B)``); else nothing."""
+    if keep_state and keeps_sign_state(negatives, distance):
+        return student.new_empty((2, *student.shape), dtype=sign_state_dtype(student.shape[0]))
+    return _nothing_saved(student)
+
+
+def _feature_distances_fake(student, teacher, negatives, distance, normalize, keep_state=False):
     batch = student.shape[0]
     dtype = compute_dtype(student.dtype)
-    return student.new_empty((batch,), dtype=dtype), student.new_empty((batch,), dtype=dtype), _nothing_saved(student)
+    return (student.new_empty((batch,), dtype=dtype), student.new_empty((batch,), dtype=dtype),
+            _saved_fake(student, negatives, distance, keep_state))
 
 
 def _feature_distances_backward_fake(grad_pos, grad_neg, student, teacher, negatives, saved, distance, normalize,
@@ -119,7 +132,7 @@ def _patch_mse_fake(sr_student, sr_teacher, hr):
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, negatives, distance, normalize = inputs
+    student, teacher, negatives, distance, normalize = inputs[:5]
     saved = output[2]
     ctx.mark_non_differentiable(saved)
     ctx.save_for_backward(student, teacher, negatives, saved)
@@ -133,7 +146,7 @@ def _feature_distances_backward(ctx, grad_pos, grad_neg, _grad_saved):
     grads = torch.ops.facd_fast.feature_distances_backward(
         grad_pos, grad_neg, student, teacher, negatives, saved, ctx.distance, ctx.normalize, output_mask
     )
-    return (*(g if needed else None for g, needed in zip(grads, output_mask)), None, None)
+    return (*(g if needed else None for g, needed in zip(grads, output_mask)), None, None, None)
 
 
 def _register_fake_and_autograd() -> None:

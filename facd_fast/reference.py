@@ -63,6 +63,19 @@ def feature_distances(
     return d_pos, d_neg
 
 
+def drop_masked_students(student: Tensor, mask: Tensor) -> Tensor:
+    """student with the masked-out patches' features replaced by zeros.
+
+    A masked-out patch's l_i is dropped and its student feature serves no other
+    patch (negatives are teacher features), so the loss does not change; but
+    its features are then never read, so a NaN or Inf there cannot reach any
+    gradient, and the patch gets exactly 0. (The fused backends get the same
+    without the copy: a patch whose upstream gradients are 0 is not read.)
+    """
+    keep = mask.to(torch.bool).view(-1, *([1] * (student.dim() - 1)))
+    return torch.where(keep, student, torch.zeros((), dtype=student.dtype, device=student.device))
+
+
 def contrastive_loss(
     student: Tensor,
     teacher: Tensor,
@@ -81,6 +94,8 @@ def contrastive_loss(
     Half inputs are computed in float32; the result has the input dtype.
     """
     dtype = compute_dtype(student.dtype)
+    if mask is not None:
+        student = drop_masked_students(student, mask)
     d_pos, d_neg = feature_distances(
         student.to(dtype),
         teacher.to(dtype),

@@ -47,7 +47,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from facd_fast.definition import EPS_NORM, compute_dtype
+from facd_fast.definition import EPS_NORM, compute_dtype, sign_state_dtype
 
 from .utils import on_device, split_evenly, target_programs, tl_compute_dtype
 
@@ -171,14 +171,15 @@ def _channel_inverse_norms_kernel(
 def _pair_distance_sums_kernel(
     anchor_ptr, others_ptr, positive_ptr,
     anchor_inv_ptr, others_inv_ptr, positive_inv_ptr,
-    pair_sums_ptr, positive_sums_ptr,
+    pair_sums_ptr, positive_sums_ptr, sign_state_ptr,
     anchor_stride_b, anchor_stride_c, anchor_stride_h, anchor_stride_w,
     others_stride_b, others_stride_k, others_stride_c, others_stride_h, others_stride_w,
     positive_stride_b, positive_stride_c, positive_stride_h, positive_stride_w,
     others_inv_stride_b, others_inv_stride_k,
     n_anchors, n_others, n_channels, n_positions, width, n_position_blocks, channels_per_span,
     COMPUTE_DTYPE: tl.constexpr, DISTANCE_L1: tl.constexpr, NORMALIZE: tl.constexpr,
-    HAS_POSITIVE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_POSITIVE: tl.constexpr, KEEP_SIGNS: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Partial sums over one span of psi(anchor_hat[a] - others_hat[a, k]).
 
@@ -187,6 +188,12 @@ def _pair_distance_sums_kernel(
     (explicit negatives) positive_sums[span, a] also gets the sums of
     psi(anchor_hat[a] - positive_hat[a]). Anchors and positives are
     (B, C, H, W) rows; their inverse norms are (B, H*W) contiguous.
+
+    KEEP_SIGNS (l1, in-batch: the others are the anchors' own teachers, so
+    the pair (a, a) is the positive one) also writes the sign state of the
+    span's elements, (2, B, C, H*W) contiguous integers: sign(a_hat - t_hat_a)
+    and the sum over k != a of sign(a_hat - t_hat_k). The program sums the
+    latter over its blocks of other rows in place (it owns those elements).
     """
     pid_span = tl.program_id(0).to(tl.int64)
     pid_a = tl.program_id(1).to(tl.int64)
@@ -226,10 +233,25 @@ def _pair_distance_sums_kernel(
             others_stride_k, others_stride_h, others_stride_w, others_inv_stride_k, COMPUTE_DTYPE, NORMALIZE, BLOCK_K,
         )
         pair_acc = tl.zeros([BLOCK_A, BLOCK_K, BLOCK_P], dtype=COMPUTE_DTYPE)
+        if KEEP_SIGNS:
+            diagonal = anchors[:, None] == others[None, :]
+            counted = others_mask[None, :] & (anchors[:, None] != others[None, :])
+            has_diagonal = (anchors >= first_other) & (anchors < first_other + BLOCK_K)
         for channel in range(first_channel, end_channel):
             anchor = _load_channel(anchor_rows, channel, anchor_stride_c, anchor_inv, mask_a, COMPUTE_DTYPE)
             other = _load_channel(others_rows, channel, others_stride_c, others_inv, mask_o, COMPUTE_DTYPE)
-            pair_acc += _psi(anchor[:, None, :] - other[None, :, :], DISTANCE_L1)
+            diff = anchor[:, None, :] - other[None, :, :]
+            pair_acc += _psi(diff, DISTANCE_L1)
+            if KEEP_SIGNS:
+                sign = (diff > 0).to(tl.int32) - (diff < 0).to(tl.int32)
+                state = sign_state_ptr + (anchors[:, None] * n_channels + channel) * n_positions + positions[None, :]
+                negative = tl.sum(tl.where(counted[:, :, None], sign, 0), axis=1)
+                if first_other > 0:
+                    negative += tl.load(state + n_anchors * n_channels * n_positions, mask=mask_a, other=0).to(tl.int32)
+                tl.store(state + n_anchors * n_channels * n_positions, negative.to(sign_state_ptr.dtype.element_ty),
+                         mask=mask_a)
+                positive = tl.sum(tl.where(diagonal[:, :, None], sign, 0), axis=1)
+                tl.store(state, positive.to(sign_state_ptr.dtype.element_ty), mask=mask_a & has_diagonal[:, None])
         tl.store(
             pair_sums_ptr + (pid_span * n_anchors + anchors[:, None]) * n_others + others[None, :],
             tl.sum(pair_acc, axis=2),
@@ -245,7 +267,7 @@ def _pair_gradient_kernel(
     others_stride_b, others_stride_k, others_stride_c, others_stride_h, others_stride_w,
     positive_stride_b, positive_stride_c, positive_stride_h, positive_stride_w,
     grad_stride_b, grad_stride_k, grad_stride_c, grad_stride_h, grad_stride_w,
-    weights_stride_b, weights_stride_k, others_inv_stride_b, others_inv_stride_k,
+    weights_stride_b, weights_stride_k, others_inv_stride_b, others_inv_stride_k, active_ptr,
     n_anchor_rows, anchors_per_batch, n_others, n_channels, n_positions, width, n_position_blocks, channels_per_span,
     COMPUTE_DTYPE: tl.constexpr, DISTANCE_L1: tl.constexpr, NORMALIZE: tl.constexpr,
     HAS_POSITIVE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -257,6 +279,8 @@ def _pair_gradient_kernel(
     (B, anchors_per_batch, C, H, W) tensor, over one span (a block of BLOCK_P
     positions times a run of channels). Positives are (B, C, H, W); anchor
     inverse norms are (n_anchor_rows, H*W) contiguous, positive ones (B, H*W).
+    Rows of a batch b with active[b] == 0 (every weight 0) get exactly 0,
+    whatever their features hold.
     """
     pid_span = tl.program_id(0).to(tl.int64)
     pid_a = tl.program_id(1).to(tl.int64)
@@ -269,6 +293,7 @@ def _pair_gradient_kernel(
     )
     # Addresses and inverse norms of the tile, once for the whole channel loop.
     mask_a = row_mask[:, None] & position_mask[None, :]
+    active = tl.load(active_ptr + batch, mask=row_mask, other=0) != 0
     anchor_offsets = batch * anchor_stride_b + within * anchor_stride_k
     anchor_rows = _row_pointers(anchor_ptr, anchor_offsets, positions, width, anchor_stride_h, anchor_stride_w)
     anchor_inv = _inverse_norm_tile(anchor_inv_ptr, rows * n_positions, positions, mask_a, COMPUTE_DTYPE, NORMALIZE)
@@ -313,6 +338,7 @@ def _pair_gradient_kernel(
             else:
                 # what this program stored for the earlier blocks of other rows (grad_ptr is then COMPUTE_DTYPE)
                 grad += tl.load(grad_rows + channel * grad_stride_c, mask=mask_a, other=0.0).to(COMPUTE_DTYPE)
+            grad = tl.where(active[:, None], grad, 0.0)
             tl.store(grad_rows + channel * grad_stride_c, grad.to(grad_ptr.dtype.element_ty), mask=mask_a)
 
 
@@ -322,13 +348,13 @@ def _channel_normalize_backward_kernel(
     x_stride_outer, x_stride_inner, x_stride_c, x_stride_h, x_stride_w,
     grad_hat_stride_outer, grad_hat_stride_inner, grad_hat_stride_c, grad_hat_stride_h, grad_hat_stride_w,
     grad_stride_outer, grad_stride_inner, grad_stride_c, grad_stride_h, grad_stride_w,
-    n_inner, n_channels, width, n_positions, eps_norm,
+    active_ptr, n_inner, n_channels, width, n_positions, eps_norm,
     COMPUTE_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """grad = (grad_hat - x_hat <x_hat, grad_hat>) / ||x|| where ||x|| > eps_norm, else grad_hat / eps_norm.
 
     Per spatial position of each row of an (outer, inner, C, H, W) tensor;
-    the inner products run over C.
+    the inner products run over C. Rows with active[outer] == 0 get exactly 0.
     """
     pid_p = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1).to(tl.int64)
@@ -345,6 +371,7 @@ def _channel_normalize_backward_kernel(
     )
     grad_row = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner + h * grad_stride_h + w * grad_stride_w
 
+    active = tl.load(active_ptr + outer) != 0
     sum_sq = tl.zeros([BLOCK_P], dtype=COMPUTE_DTYPE)
     dot = tl.zeros([BLOCK_P], dtype=COMPUTE_DTYPE)
     for first_channel in range(0, n_channels, BLOCK_C):
@@ -361,8 +388,169 @@ def _channel_normalize_backward_kernel(
         channels, mask = _channel_block(first_channel, n_channels, position_mask, BLOCK_C)
         x = _load_channel_block(x_row, channels, x_stride_c, mask, COMPUTE_DTYPE)
         grad_hat = _load_channel_block(grad_hat_row, channels, grad_hat_stride_c, mask, COMPUTE_DTYPE)
-        grad = grad_hat * inv_norm[None, :] - x * projection[None, :]
+        grad = tl.where(active, grad_hat * inv_norm[None, :] - x * projection[None, :], 0.0)
         tl.store(grad_row[None, :] + channels[:, None] * grad_stride_c, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _l1_student_gradient_kernel(
+    x_ptr, sign_state_ptr, coefficients_ptr, grad_ptr,
+    x_stride_b, x_stride_c, x_stride_h, x_stride_w,
+    grad_stride_b, grad_stride_c, grad_stride_h, grad_stride_w,
+    n_rows, n_channels, width, n_positions, eps_norm,
+    COMPUTE_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The l1 in-batch student gradient from the forward's sign state, one elementwise pass per channel loop.
+
+    grad_hat = p_i sign_pos + n_i sign_neg with (p_i, n_i) = coefficients[i]
+    (upstream gradients over N and N (B - 1)), then the normalisation's chain
+    rule (the row's norm is recomputed in the same channel loop). A row with
+    p_i = n_i = 0 gets exactly 0 and its features are not used.
+    """
+    pid_p = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)
+    positions = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    position_mask = positions < n_positions
+    spatial = (positions // width)
+    within = positions % width
+    x_row = x_ptr + row * x_stride_b + spatial * x_stride_h + within * x_stride_w
+    grad_row = grad_ptr + row * grad_stride_b + spatial * grad_stride_h + within * grad_stride_w
+    state_row = sign_state_ptr + row * n_channels * n_positions + positions
+    plane = n_rows * n_channels * n_positions
+    p = tl.load(coefficients_ptr + 2 * row).to(COMPUTE_DTYPE)
+    n = tl.load(coefficients_ptr + 2 * row + 1).to(COMPUTE_DTYPE)
+    active = (p != 0) | (n != 0)
+    if NORMALIZE:
+        sum_sq = tl.zeros([BLOCK_P], dtype=COMPUTE_DTYPE)
+        dot = tl.zeros([BLOCK_P], dtype=COMPUTE_DTYPE)
+        for first_channel in range(0, n_channels, BLOCK_C):
+            channels, mask = _channel_block(first_channel, n_channels, position_mask, BLOCK_C)
+            x = _load_channel_block(x_row, channels, x_stride_c, mask, COMPUTE_DTYPE)
+            signs = state_row[None, :] + channels[:, None] * n_positions
+            grad_hat = p * tl.load(signs, mask=mask, other=0).to(COMPUTE_DTYPE) + n * tl.load(
+                signs + plane, mask=mask, other=0).to(COMPUTE_DTYPE)
+            sum_sq += tl.sum(x * x, axis=0)
+            dot += tl.sum(x * grad_hat, axis=0)
+        norm = tl.sqrt(sum_sq)
+        inv_norm = 1.0 / tl.maximum(norm, eps_norm)
+        projection = tl.where(norm > eps_norm, dot * inv_norm * inv_norm * inv_norm, 0.0)
+    for first_channel in range(0, n_channels, BLOCK_C):
+        channels, mask = _channel_block(first_channel, n_channels, position_mask, BLOCK_C)
+        signs = state_row[None, :] + channels[:, None] * n_positions
+        grad = p * tl.load(signs, mask=mask, other=0).to(COMPUTE_DTYPE) + n * tl.load(
+            signs + plane, mask=mask, other=0).to(COMPUTE_DTYPE)
+        if NORMALIZE:
+            x = _load_channel_block(x_row, channels, x_stride_c, mask, COMPUTE_DTYPE)
+            grad = tl.where(active, grad * inv_norm[None, :] - x * projection[None, :], 0.0)
+        tl.store(grad_row[None, :] + channels[:, None] * grad_stride_c, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _l2_in_batch_sums_kernel(
+    student_ptr, teacher_ptr, student_inv_ptr, teacher_inv_ptr, partial_ptr,
+    student_stride_b, student_stride_c, student_stride_h, student_stride_w,
+    teacher_stride_b, teacher_stride_c, teacher_stride_h, teacher_stride_w,
+    n_rows, n_channels, n_positions, width, n_position_blocks, channels_per_span,
+    COMPUTE_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """l2 with in-batch negatives in closed form over one span: no pairs.
+
+    partial[span, i] = (sum (s_i - t_i)^2, sum over k != i of (s_i - t_k)^2),
+    the latter as B (s_i - m)^2 + sum_k (t_k - m)^2 - (s_i - t_i)^2 per
+    element with m = mean_k t_k (centred: no cancellation of large terms).
+    Every row is in the tile (BLOCK_B >= B).
+    """
+    pid_span = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_B)
+    row_mask = rows < n_rows
+    positions, position_mask, first_channel, end_channel = _span(
+        pid_span, n_position_blocks, channels_per_span, n_positions, n_channels, BLOCK_P
+    )
+    mask = row_mask[:, None] & position_mask[None, :]
+    student_rows = _row_pointers(student_ptr, rows * student_stride_b, positions, width, student_stride_h,
+                                 student_stride_w)
+    teacher_rows = _row_pointers(teacher_ptr, rows * teacher_stride_b, positions, width, teacher_stride_h,
+                                 teacher_stride_w)
+    student_inv = _inverse_norm_tile(student_inv_ptr, rows * n_positions, positions, mask, COMPUTE_DTYPE, NORMALIZE)
+    teacher_inv = _inverse_norm_tile(teacher_inv_ptr, rows * n_positions, positions, mask, COMPUTE_DTYPE, NORMALIZE)
+    positive_acc = tl.zeros([BLOCK_B, BLOCK_P], dtype=COMPUTE_DTYPE)
+    deviation_acc = tl.zeros([BLOCK_B, BLOCK_P], dtype=COMPUTE_DTYPE)
+    spread_acc = tl.zeros([BLOCK_P], dtype=COMPUTE_DTYPE)
+    for channel in range(first_channel, end_channel):
+        teacher = _load_channel(teacher_rows, channel, teacher_stride_c, teacher_inv, mask, COMPUTE_DTYPE)
+        student = _load_channel(student_rows, channel, student_stride_c, student_inv, mask, COMPUTE_DTYPE)
+        mean = tl.sum(teacher, axis=0) / n_rows
+        centred = tl.where(mask, teacher - mean[None, :], 0.0)
+        spread_acc += tl.sum(centred * centred, axis=0)
+        positive = student - teacher
+        deviation = tl.where(mask, student - mean[None, :], 0.0)
+        positive_acc += positive * positive
+        deviation_acc += deviation * deviation
+    positive_sum = tl.sum(positive_acc, axis=1)
+    negative_sum = n_rows * tl.sum(deviation_acc, axis=1) + tl.sum(spread_acc, axis=0) - positive_sum
+    out = partial_ptr + (pid_span * n_rows + rows) * 2
+    tl.store(out, positive_sum, mask=row_mask)
+    tl.store(out + 1, negative_sum, mask=row_mask)
+
+
+@triton.jit
+def _l2_in_batch_gradient_kernel(
+    student_ptr, teacher_ptr, student_inv_ptr, teacher_inv_ptr, grad_pos_ptr, weights_ptr,
+    student_grad_ptr, teacher_grad_ptr,
+    student_stride_b, student_stride_c, student_stride_h, student_stride_w,
+    teacher_stride_b, teacher_stride_c, teacher_stride_h, teacher_stride_w,
+    student_grad_stride_b, student_grad_stride_c, student_grad_stride_h, student_grad_stride_w,
+    teacher_grad_stride_b, teacher_grad_stride_c, teacher_grad_stride_h, teacher_grad_stride_w,
+    n_rows, n_channels, n_positions, width, n_position_blocks, channels_per_span,
+    COMPUTE_DTYPE: tl.constexpr, NORMALIZE: tl.constexpr, NEED_STUDENT: tl.constexpr, NEED_TEACHER: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """l2 in-batch gradients with respect to s_hat and t_hat in closed form over one span.
+
+    With g_i = grad_pos[i] and w_i = weights[i] (the 2 / N of the mean and,
+    for w, the 1 / (B - 1) folded in), m = mean_k t_hat_k:
+      student: g_i (s_i - t_i) + w_i (B (s_i - m) - (s_i - t_i))
+      teacher: -(g_k (s_k - t_k) + sum_{i != k} w_i s_i - (sum_{i != k} w_i) t_k)
+    A student row with g_i = w_i = 0 is never read and gets exactly 0.
+    """
+    pid_span = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_B)
+    row_mask = rows < n_rows
+    positions, position_mask, first_channel, end_channel = _span(
+        pid_span, n_position_blocks, channels_per_span, n_positions, n_channels, BLOCK_P
+    )
+    mask = row_mask[:, None] & position_mask[None, :]
+    student_rows = _row_pointers(student_ptr, rows * student_stride_b, positions, width, student_stride_h,
+                                 student_stride_w)
+    teacher_rows = _row_pointers(teacher_ptr, rows * teacher_stride_b, positions, width, teacher_stride_h,
+                                 teacher_stride_w)
+    student_inv = _inverse_norm_tile(student_inv_ptr, rows * n_positions, positions, mask, COMPUTE_DTYPE, NORMALIZE)
+    teacher_inv = _inverse_norm_tile(teacher_inv_ptr, rows * n_positions, positions, mask, COMPUTE_DTYPE, NORMALIZE)
+    student_grad_rows = _row_pointers(student_grad_ptr, rows * student_grad_stride_b, positions, width,
+                                      student_grad_stride_h, student_grad_stride_w)
+    teacher_grad_rows = _row_pointers(teacher_grad_ptr, rows * teacher_grad_stride_b, positions, width,
+                                      teacher_grad_stride_h, teacher_grad_stride_w)
+    g = tl.load(grad_pos_ptr + rows, mask=row_mask, other=0.0).to(COMPUTE_DTYPE)
+    w = tl.load(weights_ptr + rows, mask=row_mask, other=0.0).to(COMPUTE_DTYPE)
+    active = (g != 0) | (w != 0)
+    rest_weight = tl.sum(w, axis=0) - w
+    for channel in range(first_channel, end_channel):
+        teacher = _load_channel(teacher_rows, channel, teacher_stride_c, teacher_inv, mask, COMPUTE_DTYPE)
+        student = _load_channel(student_rows, channel, student_stride_c, student_inv, mask & active[:, None],
+                                COMPUTE_DTYPE)
+        positive = student - teacher
+        if NEED_STUDENT:
+            mean = tl.sum(teacher, axis=0) / n_rows
+            grad = (g - w)[:, None] * positive + (n_rows * w)[:, None] * (student - mean[None, :])
+            grad = tl.where(active[:, None], grad, 0.0)
+            tl.store(student_grad_rows + channel * student_grad_stride_c,
+                     grad.to(student_grad_ptr.dtype.element_ty), mask=mask)
+        if NEED_TEACHER:
+            weighted = tl.where((w != 0)[:, None], w[:, None] * student, 0.0)
+            own = tl.where((g != 0)[:, None], g[:, None] * positive, 0.0) - weighted
+            grad = rest_weight[:, None] * teacher - tl.sum(weighted, axis=0)[None, :] - own
+            tl.store(teacher_grad_rows + channel * teacher_grad_stride_c,
+                     grad.to(teacher_grad_ptr.dtype.element_ty), mask=mask)
 
 
 # --- host launchers ------------------------------------------------------------------------------
@@ -447,13 +635,14 @@ def channel_inverse_norms(x: Tensor) -> Tensor:
 def _pair_distance_sums(
     anchor: Tensor, others: Tensor, positive: Optional[Tensor],
     anchor_inv: Tensor, others_inv: Tensor, positive_inv: Optional[Tensor],
-    distance: str, normalize: str,
+    distance: str, normalize: str, sign_state: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Sums over C*H*W of psi(anchor_hat[a] - others_hat[a, k]) (and of psi(anchor_hat[a] - positive_hat[a])).
 
     anchor, positive: (B, C, H, W); others: (B, K_o, C, H, W), batch stride 0
     when shared by every anchor. *_inv: the matching inverse norms (others_inv
-    expanded like others). Returns (B, K_o) and (B,) or None.
+    expanded like others). sign_state: (2, B, C, H, W) integers to fill (l1,
+    in-batch: others are the teacher) or None. Returns (B, K_o) and (B,) or None.
     """
     batch, n_others = others.shape[:2]
     _, channels, height, width = anchor.shape
@@ -468,42 +657,89 @@ def _pair_distance_sums(
     positive_sums = torch.empty((n_spans, batch), dtype=dtype, device=anchor.device) if has_positive else pair_sums
     if not has_positive:  # the kernel never reads them; any tensor of the right rank fills the slots
         positive, positive_inv = anchor, anchor_inv
+    keep_signs = sign_state is not None
     with on_device(anchor):
         wrap_triton(_pair_distance_sums_kernel)[(n_spans, anchor_blocks)](
             anchor, others, positive, anchor_inv, others_inv, positive_inv, pair_sums, positive_sums,
+            sign_state if keep_signs else pair_sums,
             *anchor.stride(), *others.stride(), *positive.stride(), others_inv.stride(0), others_inv.stride(1),
             batch, n_others, channels, n_positions, width, n_position_blocks, channels_per_span,
-            HAS_POSITIVE=has_positive, **_flags(anchor, distance, normalize), **blocks,
+            HAS_POSITIVE=has_positive, KEEP_SIGNS=keep_signs, **_flags(anchor, distance, normalize), **blocks,
         )
     return pair_sums.sum(dim=0), positive_sums.sum(dim=0) if has_positive else None
 
 
+def _in_batch_blocks(batch: int, n_positions: int, dtype: torch.dtype) -> dict:
+    """Block sizes of the l2 closed-form kernels' (all rows, positions) tile: a channel tile's worth of elements,
+    as several such tiles (student, teacher, their gradients) are live at once."""
+    block_b = triton.next_power_of_2(batch)
+    tile = _CHANNEL_TILE_ELEMENTS // (2 if dtype == torch.float64 else 1)
+    return dict(BLOCK_B=block_b, BLOCK_P=min(triton.next_power_of_2(n_positions), _MAX_POSITION_BLOCK,
+                                             max(16, tile // block_b)))
+
+
+def _l2_in_batch_distances(student: Tensor, teacher: Tensor, normalize: str,
+                           student_inv: Tensor, teacher_inv: Tensor) -> Tuple[Tensor, Tensor]:
+    """(d_pos, d_neg) of l2 with in-batch negatives in closed form: O(B C H W) work, no pairs."""
+    batch, channels, height, width = student.shape
+    n_positions = height * width
+    blocks = _in_batch_blocks(batch, n_positions, student.dtype)
+    n_position_blocks = triton.cdiv(n_positions, blocks["BLOCK_P"])
+    n_spans, channels_per_span = _spans(channels, n_position_blocks, 1, student.device)
+    partial = torch.empty((n_spans, batch, 2), dtype=compute_dtype(student.dtype), device=student.device)
+    with on_device(student):
+        wrap_triton(_l2_in_batch_sums_kernel)[(n_spans,)](
+            student, teacher, student_inv, teacher_inv, partial, *student.stride(), *teacher.stride(),
+            batch, channels, n_positions, width, n_position_blocks, channels_per_span,
+            COMPUTE_DTYPE=tl_compute_dtype(student.dtype), NORMALIZE=normalize == "channel", **blocks,
+        )
+    sums = partial.sum(dim=0)
+    n_elements = channels * n_positions
+    return sums[:, 0] / n_elements, sums[:, 1] / ((batch - 1) * n_elements)
+
+
 def feature_distances_forward(
-    student: Tensor, teacher: Tensor, negatives: Optional[Tensor], distance: str, normalize: str
+    student: Tensor, teacher: Tensor, negatives: Optional[Tensor], distance: str, normalize: str,
+    keep_state: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(d_pos, d_neg, saved): d_pos, d_neg each (B,) in ``compute_dtype``, see
-    :func:`facd_fast.reference.feature_distances`; saved: empty (the backward keeps nothing from here).
+    """(d_pos, d_neg, saved): see :func:`facd_fast.reference.feature_distances` for the distances.
 
     student, teacher: (B, C, H, W); negatives: (B, K, C, H, W) or None
-    (in-batch); any strides; float16, bfloat16, float32 or float64.
+    (in-batch); any strides; float16, bfloat16, float32 or float64. d_pos,
+    d_neg: (B,) in ``compute_dtype``.
+
+    l2 with in-batch negatives runs in closed form (no pairs). l1 with in-batch
+    negatives sweeps the B x B pairs once; with ``keep_state`` it also returns
+    what the student's gradient needs, so that the backward is one
+    elementwise pass: saved (2, B, C, H, W) of ``sign_state_dtype(B)`` (int8
+    for B <= 128: 2 bytes per student element kept between forward and
+    backward), [0] = sign(s_hat - t_hat) and [1] = the sum over k != i of
+    sign(s_hat_i - t_hat_k). Otherwise saved is an empty int8 tensor.
     """
-    saved = student.new_empty((0,), dtype=torch.int8)
     batch = student.shape[0]
     n_elements = student[0].numel()
     student_inv, teacher_inv = _inverse_norms(student, normalize), _inverse_norms(teacher, normalize)
+    no_state = student.new_empty((0,), dtype=torch.int8)
+    if negatives is None and distance == "l2":
+        return (*_l2_in_batch_distances(student, teacher, normalize, student_inv, teacher_inv), no_state)
     if negatives is None:
+        sign_state = None
+        if keep_state:
+            sign_state = torch.empty((2, *student.shape), dtype=sign_state_dtype(batch), device=student.device)
         others = teacher.unsqueeze(0).expand(batch, *teacher.shape)
         others_inv = teacher_inv.unsqueeze(0).expand(batch, *teacher_inv.shape)
-        sums, _ = _pair_distance_sums(student, others, None, student_inv, others_inv, None, distance, normalize)
+        sums, _ = _pair_distance_sums(
+            student, others, None, student_inv, others_inv, None, distance, normalize, sign_state
+        )
         diagonal = torch.eye(batch, dtype=torch.bool, device=student.device)
         d_pos = sums.diagonal() / n_elements
         d_neg = sums.masked_fill(diagonal, 0).sum(dim=1) / ((batch - 1) * n_elements)
-        return d_pos, d_neg, saved
+        return d_pos, d_neg, no_state if sign_state is None else sign_state
     negatives_inv = _inverse_norms(negatives, normalize)
     sums, positive_sums = _pair_distance_sums(
         student, negatives, teacher, student_inv, negatives_inv, teacher_inv, distance, normalize
     )
-    return positive_sums / n_elements, sums.sum(dim=1) / (negatives.shape[1] * n_elements), saved
+    return positive_sums / n_elements, sums.sum(dim=1) / (negatives.shape[1] * n_elements), no_state
 
 
 def _anchor_gradient(
@@ -536,13 +772,18 @@ def _anchor_gradient(
     buffered = normalized or (accumulates and anchor.dtype != dtype)
     grad_hat = torch.empty(anchor.shape, dtype=dtype, device=anchor.device) if buffered else grad
     has_positive = positive is not None
+    # a batch whose weights are all 0 (a masked-out patch) gets exactly 0, even from non-finite features
+    active = (weights != 0).any(dim=1)
+    if has_positive:
+        active = active | (positive_weights != 0)
+    active = active.to(torch.int8)
     if not has_positive:  # the kernel never reads them; any tensors of the right rank fill the slots
         positive, positive_weights, positive_inv = anchor[:, 0], weights, anchor_inv
     with on_device(anchor):
         wrap_triton(_pair_gradient_kernel)[(n_spans, row_blocks)](
             anchor, others, positive, weights, positive_weights, anchor_inv, others_inv, positive_inv, grad_hat,
             *anchor.stride(), *others.stride(), *positive.stride(), *grad_hat.stride(),
-            *weights.stride(), others_inv.stride(0), others_inv.stride(1),
+            *weights.stride(), others_inv.stride(0), others_inv.stride(1), active,
             n_rows, per_batch, n_others, channels, n_positions, width, n_position_blocks, channels_per_span,
             HAS_POSITIVE=has_positive, **_flags(anchor, distance, normalize), **blocks,
         )
@@ -552,10 +793,82 @@ def _anchor_gradient(
             channel_blocks = _channel_blocks(channels, n_positions)
             wrap_triton(_channel_normalize_backward_kernel)[(triton.cdiv(n_positions, channel_blocks["BLOCK_P"]), n_rows)](
                 anchor, grad_hat, grad, *anchor.stride(), *grad_hat.stride(), *grad.stride(),
-                per_batch, channels, width, n_positions, EPS_NORM,
+                active, per_batch, channels, width, n_positions, EPS_NORM,
                 COMPUTE_DTYPE=tl_compute_dtype(anchor.dtype), **channel_blocks,
             )
     return grad
+
+
+def _l1_student_gradient(grad_pos: Tensor, grad_neg: Tensor, student: Tensor, sign_state: Tensor,
+                         normalize: str) -> Tensor:
+    """The l1 in-batch student gradient from the forward's sign state: one elementwise pass.
+
+    grad_pos, grad_neg: (B,) upstream gradients already divided by C*H*W.
+    """
+    batch, channels, height, width = student.shape
+    n_positions = height * width
+    coefficients = torch.stack((grad_pos, grad_neg / (batch - 1)), dim=1).contiguous()
+    grad = torch.empty_like(student)
+    blocks = _channel_blocks(channels, n_positions)
+    with on_device(student):
+        wrap_triton(_l1_student_gradient_kernel)[(triton.cdiv(n_positions, blocks["BLOCK_P"]), batch)](
+            student, sign_state, coefficients, grad, *student.stride(), *grad.stride(),
+            batch, channels, width, n_positions, EPS_NORM,
+            COMPUTE_DTYPE=tl_compute_dtype(student.dtype), NORMALIZE=normalize == "channel", **blocks,
+        )
+    return grad
+
+
+def _l2_in_batch_gradients(grad_pos: Tensor, grad_neg: Tensor, student: Tensor, teacher: Tensor, normalize: str,
+                           student_inv: Tensor, teacher_inv: Tensor, need_student: bool, need_teacher: bool):
+    """l2 in-batch gradients in closed form: one pass for s_hat and t_hat, then the normalisation's chain rule.
+
+    grad_pos, grad_neg: (B,) upstream gradients already divided by C*H*W.
+    """
+    batch, channels, height, width = student.shape
+    n_positions = height * width
+    normalized = normalize == "channel"
+    dtype = compute_dtype(student.dtype)
+    grad_pos, weights = (2 * grad_pos).contiguous(), (2 * grad_neg / (batch - 1)).contiguous()
+
+    def output(x: Tensor, needed: bool) -> Tensor:
+        if not needed:
+            return student.new_empty((1, 1, 1, 1))  # never written (the kernel's flag is off)
+        return torch.empty(x.shape, dtype=dtype, device=x.device) if normalized else torch.empty_like(x)
+
+    student_hat, teacher_hat = output(student, need_student), output(teacher, need_teacher)
+    blocks = _in_batch_blocks(batch, n_positions, student.dtype)
+    n_position_blocks = triton.cdiv(n_positions, blocks["BLOCK_P"])
+    n_spans, channels_per_span = _spans(channels, n_position_blocks, 1, student.device)
+    with on_device(student):
+        wrap_triton(_l2_in_batch_gradient_kernel)[(n_spans,)](
+            student, teacher, student_inv, teacher_inv, grad_pos, weights, student_hat, teacher_hat,
+            *student.stride(), *teacher.stride(), *student_hat.stride(), *teacher_hat.stride(),
+            batch, channels, n_positions, width, n_position_blocks, channels_per_span,
+            COMPUTE_DTYPE=tl_compute_dtype(student.dtype), NORMALIZE=normalized,
+            NEED_STUDENT=need_student, NEED_TEACHER=need_teacher, **blocks,
+        )
+    if not normalized:
+        return (student_hat if need_student else None), (teacher_hat if need_teacher else None)
+    student_active = ((grad_pos != 0) | (weights != 0)).to(torch.int8)
+    teacher_active = torch.ones(batch, dtype=torch.int8, device=student.device)
+    grads = []
+    channel_blocks = _channel_blocks(channels, n_positions)
+    for x, grad_hat, active, needed in ((student, student_hat, student_active, need_student),
+                                        (teacher, teacher_hat, teacher_active, need_teacher)):
+        if not needed:
+            grads.append(None)
+            continue
+        grad = torch.empty_like(x)
+        rows, hat_rows, grad_rows = _rows_view(x), _rows_view(grad_hat), _rows_view(grad)
+        with on_device(x):
+            wrap_triton(_channel_normalize_backward_kernel)[(triton.cdiv(n_positions, channel_blocks["BLOCK_P"]), batch)](
+                rows, hat_rows, grad_rows, *rows.stride(), *hat_rows.stride(), *grad_rows.stride(),
+                active, 1, channels, width, n_positions, EPS_NORM,
+                COMPUTE_DTYPE=tl_compute_dtype(x.dtype), **channel_blocks,
+            )
+        grads.append(grad)
+    return tuple(grads)
 
 
 def feature_distances_backward(
@@ -565,11 +878,14 @@ def feature_distances_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum(grad_pos * d_pos + grad_neg * d_neg) w.r.t. student, teacher, negatives.
 
-    grad_pos, grad_neg: (B,) upstream gradients; saved: the forward's (unused);
-    output_mask: which of the three gradients to compute; the rest as in
-    :func:`feature_distances_forward`. Each gradient is shaped, typed and
-    strided like its input where asked for, an empty tensor where not
-    (tests/closed_form.py has the formulas).
+    grad_pos, grad_neg: (B,) upstream gradients; saved: what the forward kept
+    (empty if nothing); output_mask: which of the three gradients to compute;
+    the rest as in :func:`feature_distances_forward`. Each gradient is shaped,
+    typed and strided like its input where asked for, an empty tensor where
+    not (tests/closed_form.py has the formulas). In-batch: l2 in closed form
+    (one pass); l1's student from the saved sign sums when kept (one pass),
+    its teacher by a sweep over the pairs. A patch whose upstream gradients
+    are both 0 gets exactly 0, whatever its features hold.
     """
     need_student, need_teacher, need_negatives = output_mask
     batch = student.shape[0]
@@ -577,12 +893,21 @@ def feature_distances_backward(
     dtype = compute_dtype(student.dtype)
     grad_pos = grad_pos.to(dtype) / n_elements
     grad_neg = grad_neg.to(dtype) / n_elements
+    # custom ops may not return aliases: one empty tensor per gradient not asked for
+    g_student, g_teacher, g_negatives = (student.new_empty((0,)) for _ in range(3))
+    if negatives is None and distance == "l1" and need_student and saved.numel() > 0:
+        g_student = _l1_student_gradient(grad_pos, grad_neg, student, saved, normalize)
+        need_student = False
+        if not need_teacher:
+            return g_student, g_teacher, g_negatives
     student_inv, teacher_inv = _inverse_norms(student, normalize), _inverse_norms(teacher, normalize)
+    if negatives is None and distance == "l2":
+        s, t = _l2_in_batch_gradients(grad_pos, grad_neg, student, teacher, normalize, student_inv, teacher_inv,
+                                      need_student, need_teacher)
+        return (g_student if s is None else s), (g_teacher if t is None else t), g_negatives
     # inverse norms of a (B, C, H, W) feature viewed as (B, 1, C, H, W) rows
     student_rows, teacher_rows = student.unsqueeze(1), teacher.unsqueeze(1)
     student_rows_inv, teacher_rows_inv = student_inv.unsqueeze(1), teacher_inv.unsqueeze(1)
-    # custom ops may not return aliases: one empty tensor per gradient not asked for
-    g_student, g_teacher, g_negatives = (student.new_empty((0,)) for _ in range(3))
 
     if negatives is None:
         # weights[i, k] of the pair (s_i, t_k): grad_neg_i / (B - 1) off the diagonal, grad_pos_i on it

@@ -66,11 +66,12 @@ def test_bitwise_deterministic_for_any_thread_count(negatives_per_patch):
     threads = torch.get_num_threads()
 
     def run():
-        d_pos, d_neg, saved = torch.ops.facd_fast.feature_distances(student, teacher, negatives, "l1", "channel")
+        d_pos, d_neg, saved = torch.ops.facd_fast.feature_distances(student, teacher, negatives, "l1", "channel",
+                                                                    True)
         grads = torch.ops.facd_fast.feature_distances_backward(
             grad_pos, grad_neg, student, teacher, negatives, saved, "l1", "channel", [True, True, negatives_per_patch > 0]
         )
-        return [d_pos, d_neg, *grads]
+        return [d_pos, d_neg, saved, *grads]
 
     try:
         runs = []
@@ -176,3 +177,55 @@ def test_without_the_extension_auto_falls_back_to_the_reference_with_one_warning
     expected = reference.contrastive_loss(student, teacher)
     for loss in losses:
         torch.testing.assert_close(loss, expected)
+
+
+def expected_sign_sums(student, teacher, normalize):
+    """The C++ kernels' saved sign sums (csrc/facd_cpu.h, SignState) from float64 torch: (2, B, C*H*W) exact
+    integers, each row tile by tile (tiles of min(H*W, max(16, 1024 // C)) positions, each a (C, positions) block)."""
+    s = reference.normalize_features(student.double(), normalize)
+    t = reference.normalize_features(teacher.double(), normalize)
+    batch, channels, height, width = s.shape
+    positive = torch.sign(s - t)
+    negative = sum(torch.sign(s - t[k]) for k in range(batch)) - positive
+    per_tile = min(height * width, max(16, 1024 // channels))
+
+    def tile_major(x):
+        flat = x.reshape(batch, channels, height * width)
+        tiles = [flat[:, :, p:p + per_tile].reshape(batch, -1) for p in range(0, height * width, per_tile)]
+        return torch.cat(tiles, dim=1)
+
+    return torch.stack((tile_major(positive), tile_major(negative))).to(torch.int64)
+
+
+@pytest.mark.parametrize("capability", ["default", "auto"])
+@pytest.mark.parametrize("normalize", ["channel", "none"])
+@pytest.mark.parametrize("batch", [2, 3, 17, 128, 129])
+def test_saved_sign_sums_are_exact(batch, normalize, capability):
+    """l1's in-batch forward keeps sign(s_i - t_i) and sum_{k != i} sign(s_i - t_k) per element: exact integers,
+    int8 up to B = 128 and int16 beyond; a partial last tile (H*W = 21, 16 positions per tile) included."""
+    shape = (batch, 100, 3, 7) if batch <= 17 else (batch, 64, 1, 17)
+    student, teacher = features(shape, dtype=torch.float64), features(shape, "channels_last", torch.float64, seed=1)
+    student[0, :, 0, 0] = teacher[0, :, 0, 0]  # exact ties: sign 0
+    ops.set_cpu_capability(capability)
+    try:
+        _, _, saved = torch.ops.facd_fast.feature_distances(student, teacher, None, "l1", normalize, True)
+    finally:
+        ops.set_cpu_capability("auto")
+    assert saved.dtype == (torch.int8 if batch <= 128 else torch.int16) and saved.shape == (2, *shape)
+    # torch normalises both in one layout, so that the tie stays an exact tie
+    expected = expected_sign_sums(student, teacher.contiguous(), normalize)
+    assert torch.equal(saved.reshape(2, batch, -1).to(torch.int64), expected)
+
+
+def test_saved_sign_sums_only_when_asked_and_useful():
+    """Kept for l1 with in-batch negatives and keep_state only: l2 in-batch is in closed form, explicit negatives
+    sweep their pairs again, and a forward whose student needs no gradient keeps nothing."""
+    student, teacher, negatives = features((3, 4, 5, 5)), features((3, 4, 5, 5), seed=1), features((3, 2, 4, 5, 5))
+    distances = torch.ops.facd_fast.feature_distances
+    assert distances(student, teacher, None, "l1", "channel", True)[2].shape == (2, 3, 4, 5, 5)
+    for args in ((None, "l1", "channel", False), (None, "l2", "channel", True), (negatives, "l1", "none", True)):
+        assert distances(student, teacher, *args)[2].numel() == 0
+    with pytest.raises(RuntimeError, match="saved must be a contiguous tensor of shape"):
+        torch.ops.facd_fast.feature_distances_backward(torch.ones(3), torch.ones(3), student, teacher, None,
+                                                       torch.zeros(2, 3, 4, 5, dtype=torch.int8), "l1", "channel",
+                                                       [True, False, False])

@@ -390,6 +390,70 @@ def test_public_loss_keeps_the_half_dtype(kernel, dtype_name, selected):
     assert_close_to_reference(kernel, "loss", loss.detach(), half, ref)
 
 
+@pytest.mark.parametrize("kernel", kernel_params(KERNELS))
+@pytest.mark.parametrize("option", OPTIONS, ids=["-".join(o) for o in OPTIONS])
+def test_masked_patch_gets_exactly_zero_gradient(kernel, option, selected):
+    """A masked-out patch's student feature (NaN and Inf here) is never read: its gradient is exactly 0, and the
+    loss and every other gradient are those of the same batch with finite values in its place."""
+    negatives, distance, normalize = option
+    clean, teacher, explicit, _, _ = make_inputs((4, 3, 2, 3, 2), negatives, torch.float64, kernel.device)
+    mask = torch.tensor([True, False, True, False], device=kernel.device)
+    poisoned_student = clean.clone()
+    poisoned_student[1] = float("nan")
+    poisoned_student[3, 0, 0, 0] = float("inf")
+
+    def loss_and_grads(student):
+        inputs = [x.detach().requires_grad_() for x in (student, teacher, explicit) if x is not None]
+        loss = facd_fast.contrastive_loss(*inputs[:2], inputs[2] if explicit is not None else None, mask=mask,
+                                          distance=distance, normalize=normalize, reduction="sum",
+                                          backend=kernel.backend)
+        return loss, torch.autograd.grad(loss, inputs)
+
+    loss, grads = loss_and_grads(poisoned_student)
+    clean_loss, clean_grads = loss_and_grads(clean)
+    assert torch.equal(grads[0][~mask], torch.zeros_like(grads[0][~mask]))
+    torch.testing.assert_close(loss, clean_loss, rtol=1e-12, atol=0)
+    for got, want in zip(grads, clean_grads, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("kernel", kernel_params(KERNELS))
+@pytest.mark.parametrize("distance", ["l1", "l2"])
+def test_backward_twice_or_after_an_in_place_change_behaves_as_torch_losses(kernel, distance, selected):
+    """A second backward raises (a retained graph gives the same gradient again); a backward after an input
+    was changed in place raises or gives the gradient of the values the forward saw. Never a silent wrong result."""
+    student, teacher, _, _, _ = make_inputs((4, 8, 3, 5, 1), "in-batch", torch.float32, kernel.device)
+    student.requires_grad_()
+    loss = facd_fast.contrastive_loss(student, teacher, distance=distance, backend=kernel.backend)
+    (first,) = torch.autograd.grad(loss, student, retain_graph=True)
+    (again,) = torch.autograd.grad(loss, student, retain_graph=True)
+    assert torch.equal(first, again)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    for changed in ("student", "teacher"):
+        leaf = student.detach().clone().requires_grad_()
+        features = {"student": leaf * 1, "teacher": teacher.clone()}  # non-leaf copies, changeable in place
+        loss = facd_fast.contrastive_loss(features["student"], features["teacher"], distance=distance,
+                                          backend=kernel.backend)
+        with torch.no_grad():
+            features[changed].add_(1.0)
+        try:
+            loss.backward()
+        except RuntimeError as error:
+            assert "modified by an inplace operation" in str(error)
+        else:  # the reference keeps no reference to a teacher that needs no gradient: its own copies
+            assert kernel.backend == "reference" and changed == "teacher"
+            torch.testing.assert_close(leaf.grad, first)
+    if kernel.backend != "reference":  # the ops save every input, so any change is caught
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            t = teacher.clone()
+            loss = facd_fast.contrastive_loss(student, t, distance=distance, backend=kernel.backend)
+            t.add_(1.0)
+            loss.backward()
+
+
 # --- patch MSE and the adaptive mask ----------------------------------------------------------
 
 
@@ -441,17 +505,20 @@ def test_opcheck(kernel, negatives, selected):
     ops.use_kernels(kernel.backend, kernel.device)
     student, teacher, explicit, grad_pos, grad_neg = make_inputs((3, 2, 2, 3, 2), negatives, torch.float64,
                                                                  kernel.device, "channels_last")
-    torch.library.opcheck(
-        torch.ops.facd_fast.feature_distances.default,
-        (student.requires_grad_(), teacher.requires_grad_(),
-         None if explicit is None else explicit.requires_grad_(), "l1", "channel"),
-    )
-    saved = torch.ops.facd_fast.feature_distances(student, teacher, explicit, "l2", "none")[2]
-    torch.library.opcheck(
-        torch.ops.facd_fast.feature_distances_backward.default,
-        (grad_pos, grad_neg, student.detach(), teacher.detach(), None if explicit is None else explicit.detach(),
-         saved, "l2", "none", [True, False, explicit is not None]),
-    )
+    for keep_state in (False, True):  # in-batch l1 with keep_state saves its sign sums
+        torch.library.opcheck(
+            torch.ops.facd_fast.feature_distances.default,
+            (student.requires_grad_(), teacher.requires_grad_(),
+             None if explicit is None else explicit.requires_grad_(), "l1", "channel", keep_state),
+        )
+    for distance, normalize in (("l2", "none"), ("l1", "channel")):
+        saved = torch.ops.facd_fast.feature_distances(student, teacher, explicit, distance, normalize, True)[2]
+        assert saved.shape == ((2, *student.shape) if distance == "l1" and explicit is None else (0,))
+        torch.library.opcheck(
+            torch.ops.facd_fast.feature_distances_backward.default,
+            (grad_pos, grad_neg, student.detach(), teacher.detach(), None if explicit is None else explicit.detach(),
+             saved, distance, normalize, [True, False, explicit is not None]),
+        )
     images = make_images(3, 2, 3, torch.float32, kernel.device, "contiguous", seed=4)
     torch.library.opcheck(torch.ops.facd_fast.patch_mse.default, tuple(images))
 
@@ -467,8 +534,11 @@ def test_compile_fullgraph(kernel, negatives, selected):
     student, teacher, explicit, _, _ = make_inputs((4, 6, 3, 3, 2), negatives, torch.float32, kernel.device)
     mask = torch.tensor([True, False, True, True], device=kernel.device)
 
+    # in-batch: l1, whose forward keeps its sign sums for the backward; explicit: l2
+    distance = "l1" if explicit is None else "l2"
+
     def loss(s, t, n):
-        return facd_fast.contrastive_loss(s, t, n, mask=mask, distance="l2", backend=kernel.backend)
+        return facd_fast.contrastive_loss(s, t, n, mask=mask, distance=distance, backend=kernel.backend)
 
     loss(student, teacher, explicit)  # an eager call first: it selects the kernels (see ops.use_kernels)
     compiler = "aot_eager" if kernel.interpreted or kernel.backend == "reference" else "inductor"

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 import facd_fast  # noqa: E402
-from facd_fast import api, ops  # noqa: E402
+from facd_fast import api, ops, reference  # noqa: E402
 from facd_fast.kernels import contrastive as contrastive_kernels  # noqa: E402
 from facd_fast.kernels import patch_mse as patch_mse_kernels  # noqa: E402
 from facd_fast.kernels import utils as kernel_utils  # noqa: E402
@@ -65,15 +65,20 @@ def test_patch_mse_multi_span(device, monkeypatch):
 ])
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_sweeps_only_inputs_that_need_gradients(device, negatives, requires, monkeypatch):
-    """One gradient sweep per input that requires grad: a frozen teacher costs nothing."""
+    """One gradient pass per input that requires grad (a frozen teacher costs nothing): a sweep over the pairs,
+    or for l1's in-batch student the pass over the forward's saved sign sums."""
     swept = []
-    anchor_gradient = contrastive_kernels._anchor_gradient
 
-    def recording_anchor_gradient(anchor, *args):
-        swept.append(tuple(anchor.shape))
-        return anchor_gradient(anchor, *args)
+    def recording(launcher, input_index):
+        def recorded(*args):
+            swept.append(tuple(args[input_index].shape))
+            return launcher(*args)
 
-    monkeypatch.setattr(contrastive_kernels, "_anchor_gradient", recording_anchor_gradient)
+        return recorded
+
+    monkeypatch.setattr(contrastive_kernels, "_anchor_gradient", recording(contrastive_kernels._anchor_gradient, 0))
+    monkeypatch.setattr(contrastive_kernels, "_l1_student_gradient",
+                        recording(contrastive_kernels._l1_student_gradient, 2))
     student, teacher, explicit, grad_pos, grad_neg = make_inputs((3, 4, 3, 5, 2), negatives, torch.float32, device)
     named = {"student": student, "teacher": teacher, "negatives": explicit}
     inputs = [named[name].requires_grad_() for name in requires]
@@ -85,13 +90,15 @@ def test_backward_sweeps_only_inputs_that_need_gradients(device, negatives, requ
 @pytest.mark.parametrize("negatives", ["in-batch", "explicit"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_memory_stays_linear_in_the_inputs(device, negatives, monkeypatch):
-    """No buffer larger than an input: nothing of size (B, B, C, H, W), nor (B, K, C, H, W) beyond the negatives."""
+    """No buffer larger than an input: nothing of size (B, B, C, H, W), nor (B, K, C, H, W) beyond the negatives.
+
+    In bytes: in-batch l1 keeps its sign sums, (2, B, C, H, W) int8, half a float32 input."""
     allocated = []
 
     def recording(allocate):
         def allocate_recorded(*args, **kwargs):
             x = allocate(*args, **kwargs)
-            allocated.append(x.numel())
+            allocated.append(x.numel() * x.element_size())
             return x
 
         return allocate_recorded
@@ -101,7 +108,7 @@ def test_memory_stays_linear_in_the_inputs(device, negatives, monkeypatch):
     family = "triton-interpreter" if device == "cpu" else "triton"
     # the second shape: on CUDA, B = 16, so a (B, B, C, H, W) buffer would be 8 times the peak allowed below
     student, teacher, explicit, grad_pos, grad_neg = make_inputs(SHAPES[family][1], negatives, torch.float32, device)
-    largest_input = max(x.numel() for x in (student, teacher, explicit) if x is not None)
+    largest_input = max(x.numel() * x.element_size() for x in (student, teacher, explicit) if x is not None)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -168,3 +175,21 @@ def test_unavailable_without_triton(monkeypatch):
     with pytest.raises(ops.KernelsUnavailable, match="triton cannot be imported"):
         api.resolve_backend("triton", device)
     assert "triton" not in facd_fast.available_backends()
+
+
+@pytest.mark.parametrize("batch", [2, 3, 17, 128])
+@pytest.mark.parametrize("device", DEVICES)
+def test_saved_sign_sums_are_exact(device, batch):
+    """l1's in-batch forward keeps sign(s_i - t_i) and sum_{k != i} sign(s_i - t_k), (2, B, C, H, W) int8:
+    exact integers, summed in place over several blocks of teacher rows once B > 16."""
+    generator = torch.Generator().manual_seed(batch)
+    shape = (batch, 3, 2, 3) if device == "cpu" else (batch, 37, 13, 17)
+    student = torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
+    teacher = torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
+    student[0, :, 0, 0] = teacher[0, :, 0, 0]  # exact ties: sign 0
+    _, _, saved = contrastive_kernels.feature_distances_forward(student, teacher, None, "l1", "channel", True)
+    s, t = (reference.normalize_features(x, "channel") for x in (student, teacher))
+    positive = torch.sign(s - t)
+    negative = sum(torch.sign(s - t[k]) for k in range(batch)) - positive
+    assert saved.dtype == torch.int8 and saved.shape == (2, *shape)
+    assert torch.equal(saved.long(), torch.stack((positive, negative)).long())
