@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 import facd_fast
 from facd_fast import reference
+from facd_fast.definition import contrastive_ratio
 
 PROVIDERS = ("eager", "compile", "fused", "fitnet")
 BASELINE = "fused-before"
@@ -163,7 +164,7 @@ def loss_function(provider: str, distance: str = "l1", baseline=None) -> Callabl
     if provider == BASELINE and baseline is not None:
         def before(student, teacher):
             d_pos, d_neg = _BaselineDistances.apply(student, teacher, baseline, distance)
-            return reference.contrastive_ratio(d_pos, d_neg, None, 1e-6, "mean").to(student.dtype)
+            return contrastive_ratio(d_pos, d_neg, None, 1e-6, "mean").to(student.dtype)
         return before
     raise ValueError(f"provider must be one of {PROVIDERS} (or {BASELINE} with a baseline), got {provider!r}")
 
