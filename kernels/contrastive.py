@@ -725,6 +725,8 @@ def feature_distances_forward(
     if negatives is None:
         sign_state = None
         if keep_state:
+            if batch > 32768:
+                raise ValueError(f"l1 with in-batch negatives keeps its sign sums for B <= 32768, got B={batch}")
             sign_state = torch.empty((2, *student.shape), dtype=sign_state_dtype(batch), device=student.device)
         others = teacher.unsqueeze(0).expand(batch, *teacher.shape)
         others_inv = teacher_inv.unsqueeze(0).expand(batch, *teacher_inv.shape)
