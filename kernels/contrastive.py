@@ -25,12 +25,23 @@ loading one (rows, BLOCK_P) slice of each operand per channel. The channels
 are cut into as many runs as it takes for the grid to fill the GPU.
 
 Forward: per-span partial sums, written to a small (spans, B, K_o) buffer and
-summed in a fixed order (deterministic, no atomics). Only the channel inverse
-norms, (rows, H*W), are kept between kernels. Backward recomputes the pairs:
-a program sweeps all other rows for its anchor elements, so every gradient
-element is one register sum (no atomics either); a second kernel takes the
-gradient through the channel normalisation. Loads cast to the compute dtype
-(float32, float64 for float64 inputs) before any arithmetic.
+summed in a fixed order (deterministic, no atomics). Backward recomputes the
+pairs: a program sweeps all other rows for its anchor elements, so every
+gradient element is one register sum (no atomics either); a second kernel
+takes the gradient through the channel normalisation. Loads cast to the
+compute dtype (float32, float64 for float64 inputs) before any arithmetic.
+
+In-batch negatives take two shortcuts. l1: when the student's gradient will
+be asked for (``keep_state``), the forward's pair sweep also writes, per
+student element, sign(s_hat_i - t_hat_i) and the sum over k != i of
+sign(s_hat_i - t_hat_k) ((2, B, C, H, W) int8 for B <= 128: the only memory
+kept between forward and backward besides the inputs), and the student's
+backward is one elementwise kernel over them with the normalisation's chain
+rule (``_l1_student_gradient_kernel``); the teacher's gradient still sweeps.
+l2: no pairs at all, forward or backward: each program holds every row of its
+positions and uses the per-element teacher mean m,
+sum_{k != i} (a - t_k)^2 = B (a - m)^2 + sum_k (t_k - m)^2 - (a - t_i)^2
+(``_l2_in_batch_sums_kernel``, ``_l2_in_batch_gradient_kernel``).
 
 There is no faster non-deterministic (atomic) mode: the forward's partial
 buffer is tiny and its fixed-order sum one small reduction, and the backward
