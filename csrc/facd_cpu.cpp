@@ -12,11 +12,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -178,6 +180,40 @@ at::Tensor tensor_of(std::vector<double> values, at::IntArrayRef shape, const at
 // and never an alias of another output.
 at::Tensor not_computed(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
+// A one-entry cache of the sign state's memory. Fresh pages cost more than the
+// state's whole computation here (torch's CPU allocator returns blocks this
+// large to the system, so every training step would fault in and zero 2 bytes
+// per student element again): the state of the last step, once its backward
+// has run and autograd dropped it, is kept for the next one of the same size.
+// Kept between steps: one state (18.9 MB at the EDSR tap).
+std::mutex state_cache_mutex;
+void* cached_state = nullptr;
+size_t cached_state_bytes = 0;
+
+void return_state(void* data, size_t bytes) {
+  std::lock_guard<std::mutex> lock(state_cache_mutex);
+  if (cached_state != nullptr) c10::free_cpu(cached_state);
+  cached_state = data;
+  cached_state_bytes = bytes;
+}
+
+// An uninitialised contiguous CPU tensor for a sign state, from the cache when it fits.
+at::Tensor sign_state_tensor(at::IntArrayRef shape, at::ScalarType dtype) {
+  size_t bytes = c10::elementSize(dtype);
+  for (const int64_t size : shape) bytes *= static_cast<size_t>(size);
+  void* data = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(state_cache_mutex);
+    if (cached_state != nullptr && cached_state_bytes == bytes) {
+      data = cached_state;
+      cached_state = nullptr;
+    }
+  }
+  if (data == nullptr) data = c10::alloc_cpu(bytes);
+  return at::from_blob(data, shape, [bytes](void* released) { return_state(released, bytes); },
+                       at::TensorOptions().dtype(dtype).device(at::kCPU));
+}
+
 // The SignState in `saved` (see facd_cpu.h): (2, B, C, H, W) contiguous, int8 for B <= 128, else int16.
 SignState sign_state(const DistanceProblem& problem, const at::Tensor& saved) {
   check_cpu(saved, "saved");
@@ -214,8 +250,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_distances(const at::Tenso
   if (keep_state && problem.in_batch() && problem.distance == Distance::L1) {
     TORCH_CHECK(problem.batch <= 32768, "l1 with in-batch negatives keeps its sign sums for B <= 32768, got B=",
                 problem.batch);
-    saved = at::empty({2, problem.batch, problem.channels, problem.height, problem.width},
-                      student.options().dtype(problem.batch <= 128 ? at::kChar : at::kShort));
+    saved = sign_state_tensor({2, problem.batch, problem.channels, problem.height, problem.width},
+                              problem.batch <= 128 ? at::kChar : at::kShort);
   }
   const double elements = static_cast<double>(problem.channels * problem.height * problem.width);
   const int64_t batch = problem.batch;

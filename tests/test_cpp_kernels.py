@@ -229,3 +229,17 @@ def test_saved_sign_sums_only_when_asked_and_useful():
         torch.ops.facd_fast.feature_distances_backward(torch.ones(3), torch.ones(3), student, teacher, None,
                                                        torch.zeros(2, 3, 4, 5, dtype=torch.int8), "l1", "channel",
                                                        [True, False, False])
+
+
+def test_the_next_step_reuses_the_sign_state_memory():
+    """Once a step's state is released, the next state of that size takes its memory (no fresh pages)."""
+    student, teacher = features((4, 8, 5, 6)), features((4, 8, 5, 6), seed=1)
+    pointers = []
+    for _ in range(2):
+        *_, saved = torch.ops.facd_fast.feature_distances(student, teacher, None, "l1", "channel", True)
+        pointers.append(saved.data_ptr())
+        del saved
+    assert pointers[0] == pointers[1]
+    *_, larger = torch.ops.facd_fast.feature_distances(features((5, 8, 5, 6)), features((5, 8, 5, 6)), None, "l1",
+                                                       "channel", True)
+    assert larger.shape == (2, 5, 8, 5, 6)
