@@ -27,6 +27,12 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 
 
+def min_eval_size(scale: int) -> int:
+    """The smallest HR side (after cropping to a multiple of ``scale``) that Y-PSNR/SSIM at x``scale`` can score:
+    an 11x11 SSIM window inside the ``scale``-pixel border."""
+    return SSIM_WINDOW + 2 * scale
+
+
 def _check_crop_border(crop_border, height: int, width: int) -> int:
     if isinstance(crop_border, bool) or not isinstance(crop_border, numbers.Integral) or crop_border < 0:
         raise ValueError(f"crop_border must be an int >= 0, got {crop_border!r}")

@@ -112,7 +112,7 @@ def test_checkpoint_of_the_wrong_architecture_is_a_one_line_error(trained_run, c
     export = trained_run["run"] / "facd.pth"
     assert main(["eval", str(export), "--hr-dir", str(val_dir), "--scale", "2", "--model", "rcan-student"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("facd: error: checkpoint does not fit RCAN") and "missing" in err
+    assert err.startswith(f"facd: error: checkpoint {export}: the checkpoint does not fit RCAN") and "missing" in err
     assert main(["eval", str(export), "--hr-dir", str(val_dir), "--scale", "4"]) == 2
     assert "scale" in capsys.readouterr().err
 
@@ -121,7 +121,7 @@ def test_teacher_of_the_wrong_architecture_stops_distillation(trained_run, tmp_p
     wrong = tmp_path / "rcan.pth"
     models.save_checkpoint_basicsr(models.build("rcan-student", 4), wrong)
     assert main(["distill", str(trained_run["config"]), "--set", f"model.teacher_checkpoint={wrong}"]) == 2
-    assert "facd: error: checkpoint does not fit EDSR: missing keys" in capsys.readouterr().err
+    assert f"facd: error: checkpoint {wrong} does not fit EDSR: missing keys" in capsys.readouterr().err
 
 
 def test_python_dash_m_runs_the_same_command():

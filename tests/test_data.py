@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from facd_fast.data.images import ImageReadError
 from facd_fast.data import (BUILTIN_PHOTOS, BenchmarkFolder, PairedFolderDataset, bicubic_lr, cubic, imresize,
                             resize_matrix, write_builtin_photos)
 
@@ -176,12 +177,30 @@ def test_lr_is_made_once_and_cached(tmp_path):
     PairedFolderDataset(tmp_path / "hr", 4, 16)
     cached = tmp_path / "hr_LR_bicubic" / "X4" / "a.png"
     np.testing.assert_array_equal(np.array(Image.open(cached)), bicubic_lr(hr[:40, :40], 4))
-    os.utime(cached, (time.time() + 10, time.time() + 10))
     stamp = cached.stat().st_mtime_ns
+    os.utime(tmp_path / "hr" / "a.png", (time.time() + 10, time.time() + 10))  # touched, same content
     PairedFolderDataset(tmp_path / "hr", 4, 16, in_memory=False)
     assert cached.stat().st_mtime_ns == stamp
     PairedFolderDataset(tmp_path / "hr", 4, 16, cache_dir=tmp_path / "elsewhere")
     assert (tmp_path / "elsewhere" / "a.png").is_file()
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_lr_cache_is_keyed_by_content_not_time(tmp_path, in_memory):
+    _save(tmp_path / "hr" / "a.png", _random_image(1, 40, 40))
+    PairedFolderDataset(tmp_path / "hr", 4, 16)
+    cached = tmp_path / "hr_LR_bicubic" / "X4" / "a.png"
+    new_hr = _random_image(2, 40, 40)
+    _save(tmp_path / "hr" / "a.png", new_hr)
+    old = time.time() - 3600  # the new HR looks older than its cached LR: a time-based cache would keep it
+    os.utime(tmp_path / "hr" / "a.png", (old, old))
+    dataset = PairedFolderDataset(tmp_path / "hr", 4, 16, in_memory=in_memory)
+    np.testing.assert_array_equal(np.array(Image.open(cached)), bicubic_lr(new_hr, 4))
+    if in_memory:
+        np.testing.assert_array_equal(dataset.images[0][0], bicubic_lr(new_hr, 4))
+    cached.write_bytes(b"damaged")  # a damaged cache file is made again, not an error
+    PairedFolderDataset(tmp_path / "hr", 4, 16, in_memory=in_memory)
+    np.testing.assert_array_equal(np.array(Image.open(cached)), bicubic_lr(new_hr, 4))
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
@@ -278,15 +297,27 @@ def test_benchmark_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="HR folder not found"):
         BenchmarkFolder(tmp_path / "Set14", 4)
     _save(tmp_path / "Set5" / "HR" / "bird.png", _random_image(11, 32, 32))
-    _write_corrupt(tmp_path / "Set5" / "HR" / "broken.png")
-    with pytest.warns(UserWarning, match="broken.png"):
-        bench = BenchmarkFolder(tmp_path / "Set5", 2)
+    broken = _write_corrupt(tmp_path / "Set5" / "HR" / "broken.png")
+    with pytest.raises(ImageReadError, match=f"cannot read image {broken}"):
+        BenchmarkFolder(tmp_path / "Set5", 2)
+    bench = BenchmarkFolder(tmp_path / "Set5", 2, skip_unreadable=True)
     assert bench.names == ["bird"]
+    assert [entry["file"] for entry in bench.skipped] == [str(broken)] and bench.skipped[0]["reason"]
+    broken.unlink()
     _save(tmp_path / "lr" / "bird.png", _random_image(12, 15, 16))
-    with pytest.warns(UserWarning, match="broken.png"):
-        with_lr = BenchmarkFolder(tmp_path / "Set5", 2, lr_dir=tmp_path / "lr")
     with pytest.raises(ValueError, match=r"bird\.png is 16x15"):
-        with_lr[0]
+        BenchmarkFolder(tmp_path / "Set5", 2, lr_dir=tmp_path / "lr")
+    _write_corrupt(tmp_path / "lr2" / "bird.png")
+    with pytest.raises(ImageReadError, match=str(tmp_path / "lr2" / "bird.png")):
+        BenchmarkFolder(tmp_path / "Set5", 2, lr_dir=tmp_path / "lr2")
+
+
+def test_benchmark_image_too_small_to_score_is_named(tmp_path):
+    _save(tmp_path / "hr" / "ok.png", _random_image(13, 32, 32))
+    _save(tmp_path / "hr" / "small.png", _random_image(14, 18, 40))  # x4 needs 11 + 2 * 4 = 19
+    with pytest.raises(ValueError, match=r"small\.png is 40x16 .*19x19"):
+        BenchmarkFolder(tmp_path / "hr", 4)
+    assert len(BenchmarkFolder(tmp_path / "hr", 2)) == 2  # x2 needs 15
 
 
 # ---------------------------------------------------------------- built-in photos

@@ -11,12 +11,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .images import (bicubic_lr, crop_to_multiple, find_lr_file, is_readable, list_images, read_rgb,
-                     read_rgb_or_warn, to_tensor, write_png)
+from ..metrics import min_eval_size
+from .images import (ImageReadError, bicubic_lr, crop_to_multiple, file_digest, find_lr_file, image_size,
+                     list_images, png_text, read_rgb, read_rgb_or_warn, to_tensor, write_png)
 
 # Decoded size below which training images are held in memory: patches are
 # then cut from arrays instead of decoding a whole PNG per patch.
 IN_MEMORY_LIMIT_BYTES = 2 << 30
+# A cached LR file records the key of what it was made from in a PNG text chunk: the
+# sha256 of the HR file's bytes, the scale and this version (bumped whenever the HR
+# decoding or the bicubic change what an LR file holds).
+LR_CACHE_VERSION = "facd-lr-bicubic-2"
+LR_CACHE_KEY = "facd_lr_source"
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -44,7 +50,8 @@ class PairedFolderDataset(Dataset):
     LR images come from ``lr_dir`` (DIV2K's ``X4`` layout: ``0001x4.png`` or
     ``0001.png``) or, without it, are made once with MATLAB-compatible bicubic
     and cached as PNG in ``cache_dir`` (default ``<hr_dir>_LR_bicubic/X<s>``
-    beside ``hr_dir``). ``repeat`` multiplies the length (patches per epoch).
+    beside ``hr_dir``); a cached file is used only when it records the
+    sha256 of its HR file's current content, else it is made again. ``repeat`` multiplies the length (patches per epoch).
     ``in_memory`` (default: when the decoded images fit in 2 GiB) keeps the
     decoded images in RAM. Unreadable images are skipped with a warning.
     """
@@ -87,20 +94,20 @@ class PairedFolderDataset(Dataset):
                 continue  # reported when the file is added
         return int(total)
 
-    def _cached_lr(self, hr_path: Path) -> Path | None:
-        """The LR file of an HR image when it exists and is not older than the HR file."""
+    def _cached_lr(self, hr_path: Path) -> tuple[Path | None, str | None]:
+        """(the LR file of an HR image if it exists and was made from its current content, the cache key)."""
         if self.lr_dir is not None:
             lr_path = find_lr_file(self.lr_dir, hr_path.stem, self.scale)
             if lr_path is None:
                 raise FileNotFoundError(f"no LR image for {hr_path.name} in {self.lr_dir} "
                                         f"(looked for {hr_path.stem}x{self.scale}.* and {hr_path.stem}.*)")
-            return lr_path
+            return lr_path, None
+        key = file_digest(hr_path, LR_CACHE_VERSION, f"x{self.scale}")
         lr_path = self.cache_dir / f"{hr_path.stem}.png"
-        fresh = lr_path.is_file() and lr_path.stat().st_mtime >= hr_path.stat().st_mtime
-        return lr_path if fresh else None
+        return (lr_path if png_text(lr_path).get(LR_CACHE_KEY) == key else None), key
 
     def _add(self, hr_path: Path) -> None:
-        lr_path = self._cached_lr(hr_path)
+        lr_path, key = self._cached_lr(hr_path)
         lr = hr = None
         if self.in_memory or lr_path is None:
             hr = read_rgb_or_warn(hr_path)
@@ -108,11 +115,13 @@ class PairedFolderDataset(Dataset):
                 return
             hr = crop_to_multiple(hr, self.scale)
             size = hr.shape[:2]
-        elif is_readable(hr_path):
-            with Image.open(hr_path) as image:
-                size = (image.height - image.height % self.scale, image.width - image.width % self.scale)
         else:
-            return
+            try:
+                height, width = image_size(hr_path)
+            except ImageReadError as error:
+                warnings.warn(f"skipping unreadable image: {error}", stacklevel=3)
+                return
+            size = (height - height % self.scale, width - width % self.scale)
         if min(size) < self.patch_size:
             warnings.warn(f"skipping {hr_path}: {size[1]}x{size[0]} is smaller than the "
                           f"{self.patch_size}x{self.patch_size} patch", stacklevel=3)
@@ -120,7 +129,7 @@ class PairedFolderDataset(Dataset):
         if lr_path is None:
             lr_path = self.cache_dir / f"{hr_path.stem}.png"
             lr = bicubic_lr(hr, self.scale)
-            write_png(lr_path, lr)
+            write_png(lr_path, lr, text={LR_CACHE_KEY: key})
         if self.in_memory:
             lr = read_rgb_or_warn(lr_path) if lr is None else lr
             if lr is None:
@@ -175,9 +184,16 @@ class BenchmarkFolder(Sequence):
     or a plain folder of HR images. HR is cropped to a multiple of ``scale``;
     without LR files the LR is made with MATLAB-compatible bicubic and
     quantised to uint8, as the published LR files were.
+
+    Every image is decoded once here, so that a bad folder fails before any
+    work: an unreadable HR or LR file raises :class:`ImageReadError` naming it,
+    unless ``skip_unreadable``, which leaves it out and lists it in
+    ``skipped`` (``[{"file", "reason"}]``); an image too small to score at
+    this scale (:func:`facd_fast.metrics.min_eval_size`) or an LR file of the
+    wrong size raises ValueError naming it.
     """
 
-    def __init__(self, root_or_hr_dir, scale: int, *, lr_dir=None):
+    def __init__(self, root_or_hr_dir, scale: int, *, lr_dir=None, skip_unreadable: bool = False):
         self.scale = _check_int("scale", scale, 1)
         root = Path(root_or_hr_dir)
         if (root / "HR").is_dir():
@@ -189,9 +205,36 @@ class BenchmarkFolder(Sequence):
             self.lr_dir = Path(lr_dir) if lr_dir is not None else None
         if self.lr_dir is not None:
             list_images(self.lr_dir, "LR folder")
-        self.hr_files = [path for path in list_images(self.hr_dir, "HR folder") if is_readable(path)]
+        self.hr_files: list[Path] = []
+        self.skipped: list[dict[str, str]] = []
+        for hr_path in list_images(self.hr_dir, "HR folder"):
+            try:
+                self._load(hr_path, make_lr=False)
+            except ImageReadError as error:
+                if not skip_unreadable:
+                    raise
+                self.skipped.append({"file": str(error.path), "reason": error.reason})
+                continue
+            self.hr_files.append(hr_path)
         if not self.hr_files:
             raise ValueError(f"HR folder {self.hr_dir} holds no readable image")
+
+    def _load(self, hr_path: Path, make_lr: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+        """(lr, hr) uint8 arrays of one HR file, checked (lr None when it would be made and ``make_lr`` is off)."""
+        hr = crop_to_multiple(read_rgb(hr_path), self.scale)
+        least = min_eval_size(self.scale)
+        if min(hr.shape[:2]) < least:
+            raise ValueError(f"image {hr_path} is {hr.shape[1]}x{hr.shape[0]} (WxH) after cropping to a multiple "
+                             f"of {self.scale}, smaller than the {least}x{least} that scoring at x{self.scale} needs "
+                             f"(an 11x11 SSIM window inside a {self.scale}-pixel border)")
+        if self.lr_dir is None:
+            return (bicubic_lr(hr, self.scale) if make_lr else None), hr
+        lr_path = find_lr_file(self.lr_dir, hr_path.stem, self.scale)
+        if lr_path is None:
+            raise FileNotFoundError(f"no LR image for {hr_path.name} in {self.lr_dir}")
+        lr = read_rgb(lr_path)
+        _check_lr_shape(lr, hr, self.scale, lr_path)
+        return lr, hr
 
     @property
     def names(self) -> list[str]:
@@ -204,13 +247,5 @@ class BenchmarkFolder(Sequence):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         hr_path = self.hr_files[index]
-        hr = crop_to_multiple(read_rgb(hr_path), self.scale)
-        if self.lr_dir is None:
-            lr = bicubic_lr(hr, self.scale)
-        else:
-            lr_path = find_lr_file(self.lr_dir, hr_path.stem, self.scale)
-            if lr_path is None:
-                raise FileNotFoundError(f"no LR image for {hr_path.name} in {self.lr_dir}")
-            lr = read_rgb(lr_path)
-            _check_lr_shape(lr, hr, self.scale, lr_path)
+        lr, hr = self._load(hr_path)
         return hr_path.stem, to_tensor(lr), to_tensor(hr)

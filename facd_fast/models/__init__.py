@@ -8,8 +8,9 @@
     model_meta / model_file_dict              that record, and an export's in-memory form
 """
 from .adapters import DRAdapters
-from .checkpoints import (detect_layout, infer_config, load_pretrained, model_file_dict, model_from_checkpoint,
-                          model_meta, save_checkpoint_basicsr, to_basicsr_keys)
+from .checkpoints import (check_finite, detect_layout, infer_config, load_pretrained, model_file_dict,
+                          model_from_checkpoint, model_meta, read_checkpoint, save_checkpoint_basicsr,
+                          to_basicsr_keys)
 from .edsr import EDSR
 from .network import DIV2K_RGB_MEAN
 from .presets import ARCHS, PRESETS, build, count_parameters, from_config
@@ -17,4 +18,5 @@ from .rcan import RCAN
 
 __all__ = ["EDSR", "RCAN", "ARCHS", "PRESETS", "DIV2K_RGB_MEAN", "DRAdapters", "build", "from_config",
            "count_parameters", "load_pretrained", "save_checkpoint_basicsr", "model_from_checkpoint",
-           "detect_layout", "infer_config", "to_basicsr_keys", "model_meta", "model_file_dict"]
+           "detect_layout", "infer_config", "to_basicsr_keys", "model_meta", "model_file_dict",
+           "read_checkpoint", "check_finite"]

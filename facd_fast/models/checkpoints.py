@@ -54,18 +54,56 @@ _RCAN_TO_BASICSR = [
 ]
 
 
-def _read(path_or_state_dict) -> Mapping:
-    if isinstance(path_or_state_dict, Mapping):
-        return path_or_state_dict
-    if not isinstance(path_or_state_dict, (str, os.PathLike)):
-        raise TypeError(f"path_or_state_dict must be a path or a state dict, got {type(path_or_state_dict).__name__}")
-    path = Path(path_or_state_dict)
+def _numpy_globals() -> list:
+    """The numpy objects a trainer checkpoint's RNG states pickle (arrays and dtypes), allowed by weights_only loading."""
+    import numpy as np
+
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+    return [multiarray._reconstruct, np.ndarray, np.dtype, *{type(np.dtype(t)) for t in (np.uint32, np.float64, np.int64)}]
+
+
+def read_checkpoint(path) -> Mapping:
+    """The mapping stored in a ``.pth``/``.pt`` file, read without running arbitrary pickled code.
+
+    Raises FileNotFoundError for a missing file and ValueError naming the file
+    for a folder, an empty, truncated or foreign file, or one that holds no mapping.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a corrupt or foreign pickle
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+        with torch.serialization.safe_globals(_numpy_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as error:  # torch raises several types for a truncated, corrupt or foreign file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot read checkpoint {path}: not a complete PyTorch checkpoint ({reason})") from error
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"cannot read checkpoint {path}: it holds a {type(checkpoint).__name__}, not a dict of tensors")
+    return checkpoint
+
+
+def check_finite(tensors: Mapping[str, Tensor], source: str) -> None:
+    """ValueError naming ``source`` and the first tensor holding NaN or Inf: such weights come from a diverged run."""
+    for key, value in tensors.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{source} holds non-finite weights: {key} has {bad} NaN/Inf value(s) of "
+                             f"{value.numel()} (a diverged run?)")
+
+
+def _read(path_or_state_dict) -> tuple[Mapping, str]:
+    """(the checkpoint mapping, how to name it in errors)."""
+    if isinstance(path_or_state_dict, Mapping):
+        return path_or_state_dict, "the checkpoint"
+    if not isinstance(path_or_state_dict, (str, os.PathLike)):
+        raise TypeError(f"path_or_state_dict must be a path or a state dict, got {type(path_or_state_dict).__name__}")
+    return read_checkpoint(path_or_state_dict), f"checkpoint {Path(path_or_state_dict)}"
 
 
 def _strip_wrapper_prefixes(key: str) -> str:
@@ -83,17 +121,18 @@ def _bare_network(model: nn.Module) -> nn.Module:
     return model
 
 
-def _unwrap(checkpoint: Mapping, param_key: str | None = None) -> tuple[dict[str, Tensor], dict | None]:
+def _unwrap(checkpoint: Mapping, param_key: str | None = None,
+            source: str = "the checkpoint") -> tuple[dict[str, Tensor], dict | None]:
     """The tensors of a checkpoint and our metadata.
 
     The tensors are the entry ``param_key``, or by default the first of
     params_ema, params, state_dict, model present, or the top level;
-    wrapper prefixes are stripped.
+    wrapper prefixes are stripped. Non-finite weights raise, naming ``source``.
     """
     metadata = checkpoint.get(METADATA_KEY)
     if param_key is not None:
         if not isinstance(checkpoint.get(param_key), Mapping):
-            raise ValueError(f"checkpoint has no entry {param_key!r}; "
+            raise ValueError(f"{source} has no entry {param_key!r}; "
                              f"top-level keys: {sorted(map(str, checkpoint))[:10]}")
         state = checkpoint[param_key]
     else:
@@ -101,7 +140,8 @@ def _unwrap(checkpoint: Mapping, param_key: str | None = None) -> tuple[dict[str
                      checkpoint)
     tensors = {_strip_wrapper_prefixes(key): value for key, value in state.items() if isinstance(value, Tensor)}
     if not tensors:
-        raise ValueError(f"checkpoint holds no tensors (top-level keys: {sorted(map(str, checkpoint))[:10]})")
+        raise ValueError(f"{source} holds no tensors (top-level keys: {sorted(map(str, checkpoint))[:10]})")
+    check_finite(tensors, source)
     return tensors, metadata
 
 
@@ -173,13 +213,18 @@ def load_pretrained(model: nn.Module, path_or_state_dict, strict: bool = True,
     listing them all. strict=False: loads the keys that fit and returns
     ``{"missing": [...], "unexpected": [...]}``.
     """
+    checkpoint, source = _read(path_or_state_dict)
+    tensors, _ = _unwrap(checkpoint, param_key, source)
+    return _load_tensors(model, tensors, strict, source)
+
+
+def _load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], strict: bool, source: str) -> dict[str, list[str]]:
     model = _bare_network(model)
-    tensors, _ = _unwrap(_read(path_or_state_dict), param_key)
     state = to_basicsr_keys(tensors, rgb_mean=getattr(model, "rgb_mean", None),
                             img_range=getattr(model, "img_range", 255.0))
     message = _mismatch_message(model, state)
     if message and strict:
-        raise ValueError(f"checkpoint does not fit {type(model).__name__}: {message}")
+        raise ValueError(f"{source} does not fit {type(model).__name__}: {message}")
     own = model.state_dict()
     fitting = {key: value for key, value in state.items() if key in own and own[key].shape == value.shape}
     result = model.load_state_dict(fitting, strict=False)
@@ -197,12 +242,16 @@ def model_file_dict(weights: Mapping[str, Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint_basicsr(model: nn.Module, path) -> Path:
-    """Write ``{"params": state_dict, "facd_fast": {"arch", "config", "scale"}}`` atomically."""
+    """Write ``{"params": state_dict, "facd_fast": {"arch", "config", "scale"}}`` atomically.
+
+    Weights holding NaN or Inf are refused (ValueError) and nothing is written.
+    """
     model = _bare_network(model)
     path = Path(path)
+    params = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    check_finite(params, f"refusing to write {path}: the model")
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = model_file_dict({key: value.detach().cpu() for key, value in model.state_dict().items()},
-                              model_meta(model))
+    payload = model_file_dict(params, model_meta(model))
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
@@ -268,12 +317,21 @@ def model_from_checkpoint(path_or_state_dict, preset: str | None = None, scale: 
     one), else the one our metadata records, else the one inferred from the
     key names and tensor shapes.
     """
-    checkpoint = _read(path_or_state_dict)
-    tensors, metadata = _unwrap(checkpoint, param_key)
+    checkpoint, source = _read(path_or_state_dict)
+    try:
+        return _model_from_tensors(*_unwrap(checkpoint, param_key, source), preset, scale, source)
+    except ValueError as error:
+        if source in str(error):
+            raise
+        raise ValueError(f"{source}: {error}") from error
+
+
+def _model_from_tensors(tensors: dict[str, Tensor], metadata: dict | None, preset: str | None,
+                        scale: int | None, source: str) -> nn.Module:
     recorded = metadata.get("config") if isinstance(metadata, Mapping) else None
     if preset is not None:
         model = build(preset, scale if scale is not None else infer_config(to_basicsr_keys(tensors))["scale"])
-        load_pretrained(model, tensors)  # a different shape fails here, listing the keys
+        _load_tensors(model, tensors, True, source)  # a different shape fails here, listing the keys
         if isinstance(recorded, Mapping):
             built = model.config()
             differences = [f"{key}: file {recorded.get(key)!r} vs preset {built.get(key)!r}"
@@ -291,5 +349,5 @@ def model_from_checkpoint(path_or_state_dict, preset: str | None = None, scale: 
         if scale is not None and scale != config["scale"]:
             raise ValueError(f"scale={scale} disagrees with the scale {config['scale']} read from the weights")
         model = ARCHS[config.pop("arch")](**config)
-    load_pretrained(model, tensors)
+    _load_tensors(model, tensors, True, source)
     return model

@@ -19,22 +19,25 @@ def load_model(path: str | Path, *, preset: Optional[str] = None, scale: Optiona
 
     The architecture comes from the file (recorded by us, or inferred from a
     foreign file's key names and shapes), or from ``preset``; a file whose
-    weights do not fit raises with the missing and unexpected keys.
-    ``ema`` picks a trainer checkpoint's EMA weights. ``package:REL`` names a file shipped in
+    weights do not fit raises with the missing and unexpected keys; a missing,
+    empty, truncated or foreign file, or weights holding NaN/Inf, raise naming
+    the file. ``ema`` picks a trainer checkpoint's EMA weights. ``package:REL`` names a file shipped in
     the package (:func:`facd_fast.resources.resolve_path`).
     """
     path = resolve_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    # Trainer checkpoints hold RNG states (numpy arrays), which weights_only loading refuses.
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and state.get(TRAINING_STATE_KEY):
+    state = models.read_checkpoint(path)
+    if state.get(TRAINING_STATE_KEY):
         if ema and state["ema"] is None:
             raise ValueError(f"{str(path)!r} holds no EMA weights (the run had train.ema_decay = 0)")
-        state = models.model_file_dict(state["ema"] if ema else state["model"], state["model_meta"])
+        weights = state["ema"] if ema else state["model"]
+        models.check_finite(weights, f"checkpoint {path}")
+        state = models.model_file_dict(weights, state["model_meta"])
     elif ema:
         raise ValueError(f"--ema needs a trainer checkpoint, {str(path)!r} is a model file")
-    return models.model_from_checkpoint(state, preset=preset, scale=scale)
+    try:
+        return models.model_from_checkpoint(state, preset=preset, scale=scale)
+    except ValueError as error:
+        raise ValueError(f"checkpoint {path}: {error}") from error
 
 
 @torch.no_grad()

@@ -61,12 +61,13 @@ def restore_rng_states(states: Dict[str, Any]) -> None:
 
 def load_training_state(path: str | Path) -> Dict[str, Any]:
     """Read a checkpoint written by the trainer; a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    # Our own files hold numpy RNG states and plain dicts, hence weights_only=False.
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or not state.get(TRAINING_STATE_KEY):
+    from ..models import check_finite, read_checkpoint
+
+    state = read_checkpoint(path)
+    if not state.get(TRAINING_STATE_KEY):
         raise ValueError(f"{str(path)!r} is not a facd_fast training checkpoint (no {TRAINING_STATE_KEY!r} marker)")
+    for part in ("model", "adapters", "ema"):
+        if state.get(part) is not None:
+            check_finite(state[part], f"checkpoint {path} ({part})")
     return state
 
