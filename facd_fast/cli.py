@@ -3,8 +3,9 @@
     facd train-teacher CONFIG [--set section.key=value ...] [--resume]
     facd distill CONFIG --method {none,fd-l1,fd-l2,fakd,facd,facd-nomask} [--set ...] [--resume]
     facd eval CHECKPOINT --hr-dir DIR --scale S [--lr-dir DIR] [--model PRESET] [--self-ensemble] [--tile N] [--json]
+              [--skip-unreadable]
     facd upscale CHECKPOINT INPUT... --out DIR [--tile N] [--tile-overlap M] [--self-ensemble] [--device D] [--batch N]
-    facd export CHECKPOINT OUT [--ema] [--format basicsr|onnx]
+    facd export CHECKPOINT OUT [--ema] [--format basicsr|onnx] [--overwrite]
     facd bench [--out DIR] [--shapes small|paper|all] [--steps N] [--skip-kernels] [--device cpu|cuda]
     facd bench --latency [--out DIR] [--demo-dir DIR]
     facd demo [--out DIR] [--config CONFIG] [--set ...]
@@ -14,8 +15,10 @@
 CONFIG is a TOML file or the name of a shipped config (``facd distill edsr_x4``);
 ``facd configs`` lists the shipped ones and ``facd configs NAME`` prints one.
 
-Errors in what the user gave (a missing file, an unknown config key, weights
-that do not fit the architecture) print one ``facd: error: ...`` line and exit with status 2.
+Errors in what the user gave (a missing, unreadable or non-finite file, an
+unknown key or a bad value in the config, weights that do not fit the
+architecture) print one ``facd: error: ...`` line naming the file, key or
+value and exit with status 2.
 """
 from __future__ import annotations
 
@@ -27,10 +30,12 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__, resources
-from .train.config import METHODS, ConfigError, load_config
+from .train.config import METHODS, check_device, load_config, validate_config
 
-USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, ValueError, TypeError,
-               FileExistsError, IsADirectoryError, ImportError)
+# ConfigError and the image and checkpoint errors are ValueErrors; OSError covers files
+# that cannot be opened or written (missing, a folder, no permission, a full disk);
+# ImportError an optional extra that is not installed.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ema", action="store_true", help="evaluate a trainer checkpoint's EMA weights")
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    evaluate.add_argument("--skip-unreadable", action="store_true",
+                          help="leave out images that do not decode (listed on stderr and under \"skipped\" "
+                               "in the JSON) instead of stopping")
     _add_inference_arguments(evaluate)
 
     upscale = commands.add_parser("upscale", help="super-resolve image files and folders into PNGs (names kept)")
@@ -87,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("basicsr", "onnx"), default="basicsr",
                         help="basicsr: BasicSR-format weights; onnx: ONNX graph with dynamic batch, height and width, "
                              "checked against PyTorch by ONNX Runtime on a real photo (needs the deploy extra)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     bench = commands.add_parser("bench", help="the kernel and training-step benchmarks (facd_fast.bench)")
     bench.add_argument("--out", default="bench/results", help="results folder (CSV files)")
@@ -146,6 +155,7 @@ def _run_training(args, mode: str) -> int:
     if mode == "distill" and args.method:
         overrides.append(f"distill.method={args.method}")
     config = load_config(args.config, overrides)
+    validate_config(config, mode)
     summary = Trainer(config, mode=mode, resume=args.resume).fit()
     if summary.get("export"):
         print(f"wrote {summary['export']} ({summary['steps']} steps, {summary['elapsed_s']:.0f} s, "
@@ -157,10 +167,13 @@ def _run_eval(args) -> int:
     from .train.evaluate import evaluate, load_model, open_benchmark
 
     _check_inference_arguments(args)
-    folder = open_benchmark(args.hr_dir, args.scale, args.lr_dir)
+    check_device("--device", args.device)
     network = load_model(args.checkpoint, preset=args.model, scale=args.scale, ema=args.ema)
     if network.scale != args.scale:
         raise ValueError(f"--scale {args.scale} but {args.checkpoint} holds a x{network.scale} model")
+    folder = open_benchmark(args.hr_dir, args.scale, args.lr_dir, skip_unreadable=args.skip_unreadable)
+    for skipped in folder.skipped:
+        print(f"facd: warning: skipped unreadable image {skipped['file']}: {skipped['reason']}", file=sys.stderr)
     result = evaluate(network, folder, args.scale, device=args.device, progress=not args.json,
                       self_ensemble=args.self_ensemble, tile=args.tile, tile_overlap=args.tile_overlap)
     if args.json:
@@ -178,6 +191,7 @@ def _run_upscale(args) -> int:
     from .train.evaluate import load_model
 
     _check_inference_arguments(args)
+    check_device("--device", args.device)
     network = load_model(args.checkpoint, preset=args.model, scale=args.scale, ema=args.ema)
     written = upscale_files(network, args.inputs, args.out, tile=args.tile, tile_overlap=args.tile_overlap,
                             ensemble=args.self_ensemble, device=args.device, batch=args.batch,
@@ -190,13 +204,20 @@ def _run_export(args) -> int:
     from .models import save_checkpoint_basicsr
     from .train.evaluate import load_model
 
+    out = Path(args.out)
+    if out.is_dir():
+        raise IsADirectoryError(f"export: {out} is a folder; give the path of the file to write, e.g. {out / 'model.pth'}")
+    if out.exists() and out.resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"export: {out} is the checkpoint being exported; give another output path")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"export: {out} already exists; pass --overwrite to replace it")
     network = load_model(args.checkpoint, ema=args.ema)
     if args.format == "basicsr":
-        print(f"wrote {save_checkpoint_basicsr(network, args.out)}")
+        print(f"wrote {save_checkpoint_basicsr(network, out)}")
         return 0
     from .deploy.onnx_export import export_onnx
 
-    report = export_onnx(network, args.out)
+    report = export_onnx(network, out)
     checks = ", ".join(f"{'x'.join(map(str, c['shape'][2:]))}: {c['max_abs_diff']:.2e}" for c in report["checks"])
     print(f"wrote {report['path']} (ONNX opset {report['opset']}, dynamic N/H/W); ONNX Runtime vs PyTorch on a "
           f"real photo, max abs diff {checks} (tolerance {report['tolerance']:g})")
@@ -258,7 +279,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return handlers[args.command]()
     except USER_ERRORS as error:
-        print(f"facd: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split()) or type(error).__name__  # one line, whatever the message held
+        print(f"facd: error: {message}", file=sys.stderr)
         return 2
 
 

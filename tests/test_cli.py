@@ -48,8 +48,9 @@ def test_eval_json_reports_the_protocol_per_image(trained_run, capsys):
     val_dir = trained_run["tmp"] / "data" / "val"
     assert main(["eval", str(export), "--hr-dir", str(val_dir), "--scale", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"mean_psnr_y", "mean_ssim_y", "images", "self_ensemble", "tile", "tile_overlap"}
+    assert set(result) == {"mean_psnr_y", "mean_ssim_y", "images", "self_ensemble", "tile", "tile_overlap", "skipped"}
     assert result["self_ensemble"] is False and result["tile"] is None and result["tile_overlap"] is None
+    assert result["skipped"] == []
     assert [image["name"] for image in result["images"]] == ["img00", "img01"]
     assert result["mean_psnr_y"] == pytest.approx(np.mean([i["psnr_y"] for i in result["images"]]))
     assert result["mean_ssim_y"] == pytest.approx(np.mean([i["ssim_y"] for i in result["images"]]))

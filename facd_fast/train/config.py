@@ -4,10 +4,16 @@ A config is a two-level mapping ``section -> key -> value``. :data:`DEFAULTS`
 lists every key the trainer reads with its default and type; a TOML file or
 an override may only set keys that exist there (a typo is an error naming
 the key and the keys that do exist), with a value of the default's type.
+:func:`validate_config` then checks every value's range and the values that
+depend on each other (counts and periods >= 1, finite rates, weights and
+margins, alpha in [0, 1], an existing device, preset and backend);
+:func:`load_config` runs it, so a bad config fails before anything is written.
 """
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
@@ -94,6 +100,9 @@ DEFAULTS: Config = {
         "log_every": 100,
         "val_every": 5000,
         "checkpoint_every": 5000,
+        # A step whose loss or gradient is NaN/Inf is skipped (the weights keep their last finite
+        # values); this many such steps in a row stop the run with an error.
+        "max_bad_steps": 20,
         "tensorboard": False,
         "progress": True,
         # End-of-run curves and visual comparison PNGs.
@@ -224,8 +233,132 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     for text in overrides:
         section, key, value = parse_override(text)
         _merge(config, {section: {key: value}}, f"--set {text}")
-    method_distance(config["distill"]["method"], config["distill"]["distance"])
+    validate_config(config)
     return config
+
+
+# Keys checked by range: (section, key) -> (least, greatest, whether the least is allowed, whether the greatest is).
+_INT_RANGES = {
+    ("run", "seed"): (0, 2**32 - 1),  # numpy's global seed takes 32 bits
+    ("run", "threads"): (0, None),
+    ("data", "patch_size"): (1, None),
+    ("data", "repeat"): (1, None),
+    ("data", "num_workers"): (0, None),
+    ("data", "val_max_images"): (0, None),
+    ("data", "val_crop"): (0, None),
+    ("train", "batch_size"): (1, None),
+    ("train", "iterations"): (1, None),
+    ("train", "lr_step"): (1, None),
+    ("train", "log_every"): (1, None),
+    ("train", "val_every"): (1, None),
+    ("train", "checkpoint_every"): (1, None),
+    ("train", "max_bad_steps"): (1, None),
+}
+_FLOAT_RANGES = {
+    ("train", "lr"): (0.0, None, False, True),
+    ("train", "lr_gamma"): (0.0, None, False, True),
+    ("train", "weight_decay"): (0.0, None, True, True),
+    ("train", "ema_decay"): (0.0, 1.0, True, False),
+    ("distill", "alpha"): (0.0, 1.0, True, True),
+    ("distill", "lambda"): (0.0, None, True, True),
+    ("distill", "margin_db"): (None, None, True, True),
+}
+
+
+def _range_text(low, high, low_in: bool = True, high_in: bool = True) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low}"
+    if low is None:
+        return f"{'<=' if high_in else '<'} {high}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def _check_number(name: str, value, low, high, low_in: bool = True, high_in: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    below = low is not None and (value < low or (value == low and not low_in))
+    above = high is not None and (value > high or (value == high and not high_in))
+    if below or above:
+        raise ConfigError(f"{name} must be {_range_text(low, high, low_in, high_in)}, got {value!r}")
+
+
+def check_device(name: str, value: str) -> None:
+    """ConfigError unless ``value`` is "auto" or a device this machine has ("cpu", "cuda", "cuda:1", ...)."""
+    import torch
+
+    if value == "auto":
+        return
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{name} must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {value!r}") from None
+    if device.type == "cpu":
+        return
+    module = getattr(torch, device.type, None)
+    if device.type != "cuda" and (module is None or not hasattr(module, "is_available")):
+        raise ConfigError(f"{name}={value!r}: device type {device.type!r} is not supported; use \"cpu\" or \"cuda\"")
+    if not module.is_available():
+        raise ConfigError(f"{name}={value!r}: this machine or torch build has no {device.type} device "
+                          f"(torch.{device.type}.is_available() is False); use \"cpu\" or \"auto\"")
+    count = module.device_count() if hasattr(module, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"{name}={value!r}: there are only {count} {device.type} device(s)")
+
+
+def validate_config(config: Config, mode: str | None = None) -> None:
+    """Check every key's type and range, naming the key: ConfigError on the first bad value.
+
+    ``mode`` ("teacher" or "distill") adds the checks that depend on what is trained.
+    """
+    from ..api import BACKENDS
+    from ..models import PRESETS
+    from ..models.network import _check_scale
+
+    for section, values in DEFAULTS.items():
+        if section not in config:
+            raise ConfigError(f"config lacks the section [{section}]")
+        for key in values:
+            if key not in config[section]:
+                raise ConfigError(f"config lacks the key {section}.{key}")
+            _check_value(section, key, config[section][key])
+    for (section, key), (low, high) in _INT_RANGES.items():
+        _check_number(f"{section}.{key}", config[section][key], low, high)
+    for (section, key), bounds in _FLOAT_RANGES.items():
+        _check_number(f"{section}.{key}", config[section][key], *bounds)
+    run, model, data, train, distill = (config[name] for name in ("run", "model", "data", "train", "distill"))
+    if not run["out_dir"]:
+        raise ConfigError("run.out_dir must name a folder, got an empty string")
+    check_device("run.device", run["device"])
+    for key in ("student", "teacher"):
+        if model[key] not in PRESETS:
+            raise ConfigError(f"model.{key} must be a preset of {sorted(PRESETS)}, got {model[key]!r}")
+    try:
+        scale = _check_scale(model["scale"])
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model.{error}") from None
+    if data["patch_size"] % scale:
+        raise ConfigError(f"data.patch_size must be a multiple of model.scale = {scale}, got {data['patch_size']}")
+    if data["val_crop"] and data["val_crop"] <= 2 * scale:
+        raise ConfigError(f"data.val_crop must be 0 (whole images) or more than 2 x model.scale = {2 * scale} "
+                          f"(PSNR crops a {scale}-pixel border), got {data['val_crop']}")
+    betas = train["betas"]
+    if len(betas) != 2:
+        raise ConfigError(f"train.betas must hold two numbers, got {betas!r}")
+    for index, beta in enumerate(betas):
+        _check_number(f"train.betas[{index}]", beta, 0.0, 1.0, True, False)
+    weights = distill["tap_weights"]
+    if not weights:
+        raise ConfigError("distill.tap_weights must hold one weight per tap, got an empty list")
+    for index, weight in enumerate(weights):
+        _check_number(f"distill.tap_weights[{index}]", weight, 0.0, None)
+    if mode == "distill" and distill["method"] in ("facd", "facd-nomask") and train["batch_size"] < 2:
+        raise ConfigError(f"train.batch_size must be >= 2 for distill.method = {distill['method']!r} "
+                          f"(the other patches of the batch are the negatives), got {train['batch_size']}")
+    method_distance(distill["method"], distill["distance"])
+    if distill["backend"] not in BACKENDS:
+        raise ConfigError(f"distill.backend must be one of {list(BACKENDS)}, got {distill['backend']!r}")
 
 
 def dump_config(config: Config) -> str:

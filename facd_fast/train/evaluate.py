@@ -60,8 +60,10 @@ def evaluate(
     ``self_ensemble`` (x8 flips/rotations) and ``tile`` / ``tile_overlap`` run
     the network through :func:`facd_fast.deploy.super_resolve`.
     Returns ``{"mean_psnr_y", "mean_ssim_y", "images": [{"name", "psnr_y", "ssim_y"}, ...],
-    "self_ensemble", "tile", "tile_overlap"}`` (the last three say how the outputs were made;
-    ``tile_overlap`` is the overlap used, None untiled).
+    "self_ensemble", "tile", "tile_overlap", "skipped"}`` (``self_ensemble``, ``tile`` and
+    ``tile_overlap`` say how the outputs were made; ``tile_overlap`` is the overlap used, None
+    untiled; ``skipped`` lists ``{"file", "reason"}`` of the folder's unreadable files, when it
+    was told to skip them).
     """
     from tqdm.auto import tqdm
 
@@ -90,13 +92,15 @@ def evaluate(
         "tile": tile if network is not None else None,
         "tile_overlap": None if tile is None or network is None else
         (receptive_radius(network) if tile_overlap is None else tile_overlap),
+        "skipped": list(getattr(folder, "skipped", [])),
     }
 
 
-def open_benchmark(hr_dir: str | Path, scale: int, lr_dir: Optional[str | Path] = None):
+def open_benchmark(hr_dir: str | Path, scale: int, lr_dir: Optional[str | Path] = None, *,
+                   skip_unreadable: bool = False):
     """A :class:`facd_fast.data.BenchmarkFolder`, with a clear error when the folder is missing."""
     if not Path(hr_dir).is_dir():
         raise FileNotFoundError(f"--hr-dir: folder {str(hr_dir)!r} does not exist")
     if lr_dir is not None and not Path(lr_dir).is_dir():
         raise FileNotFoundError(f"--lr-dir: folder {str(lr_dir)!r} does not exist")
-    return sr_data.BenchmarkFolder(hr_dir, scale, lr_dir=lr_dir)
+    return sr_data.BenchmarkFolder(hr_dir, scale, lr_dir=lr_dir, skip_unreadable=skip_unreadable)
