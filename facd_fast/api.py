@@ -40,11 +40,19 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def _check_dense(name: str, x: Tensor) -> None:
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a tensor without data); move it to the features' device")
+
+
 def _check_feature(name: str, x) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATING:
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {x.dtype}")
+    _check_dense(name, x)
 
 
 def _check_same_device(named: dict) -> None:
@@ -57,18 +65,30 @@ def _check_same_device(named: dict) -> None:
 def _check_mask(mask, batch: int, device: torch.device) -> None:
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a torch.Tensor of shape ({batch},) or None, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise TypeError(f"mask must be a bool or real tensor of 0 and 1, got {mask.dtype}")
+    _check_dense("mask", mask)
     if mask.shape != (batch,):
         raise ValueError(f"mask must have shape ({batch},) (one value per patch), got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"mask must be on the features' device {device}, got {mask.device}")
     if mask.dtype == torch.bool or torch.compiler.is_compiling():
         return
-    if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
+    if not ((mask == 0) | (mask == 1)).all():
         raise ValueError("mask must hold only 0 and 1 (or be a bool tensor)")
 
 
+def _check_real(name: str, value) -> None:
+    """TypeError unless ``value`` is a real Python/numpy number (a tensor or a bool is not), ValueError if not finite."""
+    if isinstance(value, (bool, Tensor)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 def _check_positive_real(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+    _check_real(name, value)
+    if value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
@@ -277,7 +297,6 @@ def adaptive_mask(
             is caught where the protocol is set.
     """
     _check_images(sr_student, sr_teacher, hr)
-    if isinstance(margin_db, bool) or not isinstance(margin_db, numbers.Real) or not math.isfinite(margin_db):
-        raise ValueError(f"margin_db must be a finite number of dB, got {margin_db!r}")
+    _check_real("margin_db", margin_db)
     _check_positive_real("data_range", data_range)
     return mask_from_mse(patch_mse(sr_student, sr_teacher, hr, backend=backend), margin_db)

@@ -13,8 +13,12 @@ from .definition import mask_from_mse, psnr_gap
 class FACDLoss(nn.Module):
     """sum_j w_j * contrastive_loss(student_j, teacher_j, mask=m), with m the adaptive mask.
 
+    Every argument is checked here, when the module is built (TypeError for a
+    wrong type, a tensor or a bool where a number belongs; ValueError for a
+    value out of range), not at the first call.
+
     Args:
-        tap_weights: w_j, one per tap (default three taps of weight 1).
+        tap_weights: w_j, finite numbers >= 0, one per tap (default three taps of weight 1).
         use_mask: gate every patch by :func:`facd_fast.adaptive_mask` (True)
             or distil on all patches (False, the "facd-nomask" ablation).
         margin_db: the teacher's PSNR lead, in dB, for a patch to be distilled.
@@ -44,13 +48,24 @@ class FACDLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        weights = [float(w) for w in tap_weights]
-        if not weights:
+        if isinstance(tap_weights, (str, bytes, Tensor)) or not isinstance(tap_weights, Sequence):
+            raise TypeError(f"tap_weights must be a sequence of numbers (a list or tuple), got {type(tap_weights).__name__}")
+        if not tap_weights:
             raise ValueError("tap_weights must name at least one tap, got an empty sequence")
-        if any(w < 0 for w in weights):
-            raise ValueError(f"tap_weights must be >= 0, got {weights}")
-        self.tap_weights: Tuple[float, ...] = tuple(weights)
-        self.use_mask = bool(use_mask)
+        for index, weight in enumerate(tap_weights):
+            api._check_real(f"tap_weights[{index}]", weight)
+            if weight < 0:
+                raise ValueError(f"tap_weights must be >= 0, got tap_weights[{index}] = {weight!r}")
+        if not isinstance(use_mask, bool):
+            raise TypeError(f"use_mask must be True or False, got {type(use_mask).__name__} {use_mask!r}")
+        api._check_real("margin_db", margin_db)
+        api._check_choice("distance", distance, api.DISTANCES)
+        api._check_choice("normalize", normalize, api.NORMALIZATIONS)
+        api._check_positive_real("eps", eps)
+        api._check_positive_real("data_range", data_range)
+        api._check_backend(backend)
+        self.tap_weights: Tuple[float, ...] = tuple(float(w) for w in tap_weights)
+        self.use_mask = use_mask
         self.margin_db = float(margin_db)
         self.distance = distance
         self.normalize = normalize

@@ -40,7 +40,16 @@ LOSS_CASES = {
     "eps-zero": (lambda: call(*features(), eps=0.0), ValueError, "eps"),
     "eps-negative": (lambda: call(*features(), eps=-1e-6), ValueError, "eps"),
     "eps-nan": (lambda: call(*features(), eps=float("nan")), ValueError, "eps"),
-    "eps-string": (lambda: call(*features(), eps="1e-6"), ValueError, "eps"),
+    "eps-string": (lambda: call(*features(), eps="1e-6"), TypeError, "eps"),
+    "eps-tensor": (lambda: call(*features(), eps=torch.tensor(1e-6)), TypeError, "eps must be a real number"),
+    "eps-bool": (lambda: call(*features(), eps=True), TypeError, "eps must be a real number"),
+    "student-meta": (lambda: call(torch.rand(S, device="meta"), torch.rand(S, device="meta")), ValueError, "student is on the meta device"),
+    "teacher-sparse": (lambda: call(torch.rand(S), torch.rand(S).to_sparse()), TypeError, "teacher must be a dense"),
+    "student-complex": (lambda: call(torch.rand(S, dtype=torch.complex64), torch.rand(S, dtype=torch.complex64)), TypeError, "student must be a floating"),
+    "negatives-meta": (lambda: call(*features(), torch.rand(2, 2, 3, 4, 5, device="meta")), ValueError, "negatives is on the meta device"),
+    "negatives-sparse": (lambda: call(*features(), torch.rand(2, 2, 3, 4, 5).to_sparse()), TypeError, "negatives must be a dense"),
+    "mask-complex": (lambda: call(*features(), mask=torch.ones(2, dtype=torch.complex64)), TypeError, "mask"),
+    "mask-sparse": (lambda: call(*features(), mask=torch.ones(2).to_sparse()), TypeError, "mask must be a dense"),
     "backend": (lambda: call(*features(), backend="cuda-magic"), ValueError, "backend"),
     "empty": (lambda: call(*features((2, 0, 4, 5))), ValueError, "student"),
 }
@@ -63,6 +72,12 @@ MASK_CASES = {
     "int": (lambda: facd_fast.adaptive_mask(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), *images()[1:]), TypeError, "sr_student"),
     "device": (lambda: facd_fast.adaptive_mask(*images()[:2], torch.rand(2, 3, 4, 4, device="meta")), ValueError, "device"),
     "margin": (lambda: facd_fast.adaptive_mask(*images(), margin_db=float("inf")), ValueError, "margin_db"),
+    "margin-tensor": (lambda: facd_fast.adaptive_mask(*images(), margin_db=torch.tensor(0.0)), TypeError, "margin_db"),
+    "margin-bool": (lambda: facd_fast.adaptive_mask(*images(), margin_db=False), TypeError, "margin_db"),
+    "data-range-tensor": (lambda: facd_fast.adaptive_mask(*images(), data_range=torch.tensor(1.0)), TypeError, "data_range"),
+    "hr-meta": (lambda: facd_fast.adaptive_mask(*(x.to("meta") for x in images())), ValueError, "sr_student is on the meta device"),
+    "hr-sparse": (lambda: facd_fast.adaptive_mask(*images()[:2], torch.rand(2, 3, 4, 4).to_sparse()), TypeError, "hr must be a dense"),
+    "sr-complex": (lambda: facd_fast.adaptive_mask(torch.rand(2, 3, 4, 4, dtype=torch.complex64), *images()[1:]), TypeError, "sr_student"),
     "data-range": (lambda: facd_fast.adaptive_mask(*images(), data_range=0), ValueError, "data_range"),
     "backend": (lambda: facd_fast.adaptive_mask(*images(), backend="nope"), ValueError, "backend"),
 }
@@ -82,6 +97,45 @@ def test_backend_environment_variable(monkeypatch):
     monkeypatch.setenv("FACD_BACKEND", "warp-drive")
     with pytest.raises(ValueError, match="FACD_BACKEND"):
         facd_fast.contrastive_loss(s, t)
+
+
+MODULE_CASES = {
+    "distance": (dict(distance="l3"), ValueError, "distance"),
+    "normalize": (dict(normalize="batch"), ValueError, "normalize"),
+    "use-mask-string": (dict(use_mask="no"), TypeError, "use_mask"),
+    "use-mask-int": (dict(use_mask=1), TypeError, "use_mask"),
+    "tap-weight-nan": (dict(tap_weights=(1.0, float("nan"))), ValueError, r"tap_weights\[1\]"),
+    "tap-weight-inf": (dict(tap_weights=(float("inf"),)), ValueError, r"tap_weights\[0\]"),
+    "tap-weight-tensor": (dict(tap_weights=(torch.tensor(1.0),)), TypeError, r"tap_weights\[0\]"),
+    "tap-weight-bool": (dict(tap_weights=(True, 1.0)), TypeError, r"tap_weights\[0\]"),
+    "tap-weight-string": (dict(tap_weights=("1",)), TypeError, r"tap_weights\[0\]"),
+    "tap-weights-tensor": (dict(tap_weights=torch.ones(3)), TypeError, "tap_weights"),
+    "tap-weights-string": (dict(tap_weights="111"), TypeError, "tap_weights"),
+    "tap-weights-empty": (dict(tap_weights=()), ValueError, "tap_weights"),
+    "tap-weights-negative": (dict(tap_weights=(1.0, -1.0)), ValueError, "tap_weights"),
+    "margin-nan": (dict(margin_db=float("nan")), ValueError, "margin_db"),
+    "margin-tensor": (dict(margin_db=torch.tensor(0.0)), TypeError, "margin_db"),
+    "margin-string": (dict(margin_db="0"), TypeError, "margin_db"),
+    "eps-tensor": (dict(eps=torch.tensor(1e-6)), TypeError, "eps"),
+    "eps-bool": (dict(eps=True), TypeError, "eps"),
+    "eps-zero": (dict(eps=0.0), ValueError, "eps"),
+    "data-range": (dict(data_range=-1.0), ValueError, "data_range"),
+    "backend": (dict(backend="warp"), ValueError, "backend"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODULE_CASES))
+def test_facd_loss_checks_arguments_when_built(case):
+    kwargs, error, name = MODULE_CASES[case]
+    with pytest.raises(error, match=name):
+        facd_fast.FACDLoss(**kwargs)
+
+
+def test_facd_loss_accepts_numpy_and_int_numbers():
+    import numpy as np
+
+    loss = facd_fast.FACDLoss(tap_weights=[1, np.float32(0.5), 0], margin_db=np.float64(0.5), eps=1)
+    assert loss.tap_weights == (1.0, 0.5, 0.0) and loss.margin_db == 0.5
 
 
 def test_facd_loss_module_rejects_bad_taps():
