@@ -19,9 +19,9 @@ setup: $(STAMP)
 test: setup
 	$(BIN)/python -m pytest -q
 
-# make demo   set up, then teacher + three students on the built-in photos, table and plots in runs/demo/
+# make demo   set up, then teacher + three students on the built-in photos, table and plots in runs/demo/ (replaced)
 demo: setup
-	$(BIN)/python -m facd_fast demo
+	$(BIN)/python -m facd_fast demo --overwrite
 
 # --no-isolation: an isolated build would download a CUDA torch to compile against.
 dist: setup

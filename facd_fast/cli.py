@@ -18,7 +18,9 @@ CONFIG is a TOML file or the name of a shipped config (``facd distill edsr_x4``)
 Errors in what the user gave (a missing, unreadable or non-finite file, an
 unknown key or a bad value in the config, weights that do not fit the
 architecture) print one ``facd: error: ...`` line naming the file, key or
-value and exit with status 2.
+value and exit with status 2. A run that diverges (``train.max_bad_steps``
+non-finite steps in a row) prints one such line naming the step and the term
+and exits with status 3.
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="override one config value, e.g. --set train.batch_size=8 (repeatable)",
     )
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/last.pt if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run the stage folder holds (without it, or --resume, such a folder is an error)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="run folder")
     demo.add_argument("--config", default=None, help="demo config file or shipped config name (default: demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    demo.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier demo in --out")
 
     configs = commands.add_parser("configs", help="list the shipped configs, or print one (to copy and edit)")
     configs.add_argument("name", nargs="?", help="print this shipped config's TOML text")
@@ -156,7 +161,7 @@ def _run_training(args, mode: str) -> int:
         overrides.append(f"distill.method={args.method}")
     config = load_config(args.config, overrides)
     validate_config(config, mode)
-    summary = Trainer(config, mode=mode, resume=args.resume).fit()
+    summary = Trainer(config, mode=mode, resume=args.resume, overwrite=args.overwrite).fit()
     if summary.get("export"):
         print(f"wrote {summary['export']} ({summary['steps']} steps, {summary['elapsed_s']:.0f} s, "
               f"val Y-PSNR {summary['val_psnr_y']:.2f} dB)")
@@ -245,7 +250,7 @@ def _run_bench(args) -> int:
 def _run_demo(args) -> int:
     from .train.demo import run_demo
 
-    run_demo(out_dir=args.out, config_path=args.config, overrides=args.overrides)
+    run_demo(out_dir=args.out, config_path=args.config, overrides=args.overrides, overwrite=args.overwrite)
     return 0
 
 
@@ -279,9 +284,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return handlers[args.command]()
     except USER_ERRORS as error:
-        message = " ".join(str(error).split()) or type(error).__name__  # one line, whatever the message held
-        print(f"facd: error: {message}", file=sys.stderr)
+        _print_error(error)
         return 2
+    except RuntimeError as error:
+        from .train.trainer import TrainingDiverged
+
+        if not isinstance(error, TrainingDiverged):
+            raise
+        _print_error(error)
+        return 3
+
+
+def _print_error(error: BaseException) -> None:
+    message = " ".join(str(error).split()) or type(error).__name__  # one line, whatever the message held
+    print(f"facd: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,8 @@ def test_bad_override_key_is_a_one_line_error(trained_run, capsys):
 
 def test_missing_data_folder_is_a_one_line_error(trained_run, tmp_path, capsys):
     missing = tmp_path / "no_such_dir"
-    assert main(["distill", str(trained_run["config"]), "--set", f"data.train_hr_dir={missing}"]) == 2
+    assert main(["distill", str(trained_run["config"]), "--set", f"data.train_hr_dir={missing}",
+                 "--set", f"run.out_dir={tmp_path / 'run'}"]) == 2
     assert f"data.train_hr_dir: folder {str(missing)!r} does not exist" in capsys.readouterr().err
     assert main(["eval", str(trained_run["checkpoint"]), "--hr-dir", str(missing), "--scale", "2"]) == 2
     assert "--hr-dir: folder" in capsys.readouterr().err
@@ -121,7 +122,8 @@ def test_checkpoint_of_the_wrong_architecture_is_a_one_line_error(trained_run, c
 def test_teacher_of_the_wrong_architecture_stops_distillation(trained_run, tmp_path, capsys):
     wrong = tmp_path / "rcan.pth"
     models.save_checkpoint_basicsr(models.build("rcan-student", 4), wrong)
-    assert main(["distill", str(trained_run["config"]), "--set", f"model.teacher_checkpoint={wrong}"]) == 2
+    assert main(["distill", str(trained_run["config"]), "--set", f"model.teacher_checkpoint={wrong}",
+                 "--set", f"run.out_dir={tmp_path / 'run'}"]) == 2
     assert f"facd: error: checkpoint {wrong} does not fit EDSR: missing keys" in capsys.readouterr().err
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from ..atomic_files import atomic_write
 from .resize import imresize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -48,11 +47,12 @@ class ImageReadError(ValueError):
 
 
 def list_images(folder, what: str = "image folder") -> list[Path]:
-    """The image files of ``folder``, sorted by name; a missing or empty folder is an error naming it."""
+    """The image files of ``folder``, sorted by name (hidden files left out); a missing or empty folder is an error naming it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
         raise ValueError(f"{what} {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
@@ -192,21 +192,13 @@ def png_text(path: Path) -> dict[str, str]:
 
 
 def write_png(path: Path, image: np.ndarray, text: dict[str, str] | None = None) -> None:
-    """Write (H, W, 3) uint8 as PNG (with ``text`` chunks) via a temporary file, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(handle)
+    """Write (H, W, 3) uint8 as PNG (with ``text`` chunks) atomically, so a reader never sees half a file."""
     info = None
     if text:
         info = PngImagePlugin.PngInfo()
         for key, value in text.items():
             info.add_text(key, value)
-    try:
-        Image.fromarray(image).save(temporary, format="PNG", pnginfo=info)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda file: Image.fromarray(image).save(file, format="PNG", pnginfo=info))
 
 
 def crop_to_multiple(image: np.ndarray, scale: int) -> np.ndarray:

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ..atomic_files import atomic_write
 from .network import DIV2K_RGB_MEAN
 from .presets import ARCHS, PRESETS, build, from_config
 
@@ -250,16 +250,8 @@ def save_checkpoint_basicsr(model: nn.Module, path) -> Path:
     path = Path(path)
     params = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     check_finite(params, f"refusing to write {path}: the model")
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = model_file_dict(params, model_meta(model))
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda file: torch.save(payload, file))
     return path
 
 

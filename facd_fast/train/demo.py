@@ -24,7 +24,7 @@ from .config import Config, load_config
 from .evaluate import evaluate, open_benchmark
 from .plots import plot_comparison, plot_curves, super_resolve
 from .data_folders import resolve_data_dirs
-from .trainer import Trainer
+from .trainer import Trainer, run_files
 
 #: Shipped configs (facd_fast/configs/), by name: see facd_fast.resources.config_path.
 DEMO_CONFIG = "demo"
@@ -34,7 +34,7 @@ TEACHER_RECORD_SUFFIX = ".json"
 DEMO_METHODS = ("none", "fd-l1", "facd")
 
 
-def _prepare_teacher(config: Config, out_dir: Path, overrides: Iterable[str]) -> Dict[str, object]:
+def _prepare_teacher(config: Config, out_dir: Path, overrides: Iterable[str], overwrite: bool) -> Dict[str, object]:
     """The teacher checkpoint and its training time: the shipped one, or one trained now."""
     shipped = resolve_path(config["model"]["teacher_checkpoint"])
     if shipped.is_file():
@@ -45,7 +45,7 @@ def _prepare_teacher(config: Config, out_dir: Path, overrides: Iterable[str]) ->
         return {"path": shipped, "elapsed_s": record.get("elapsed_s"), "shipped": True}
     print(f"[demo] teacher: {shipped} not found, training it with {TEACHER_CONFIG}", flush=True)
     teacher_config = load_config(TEACHER_CONFIG, [f"run.out_dir={out_dir}", *overrides])
-    summary = Trainer(teacher_config, mode="teacher").fit()
+    summary = Trainer(teacher_config, mode="teacher", overwrite=overwrite).fit()
     return {"path": Path(summary["export"]), "elapsed_s": summary["elapsed_s"], "shipped": False}
 
 
@@ -60,17 +60,25 @@ def _table(rows: List[Dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str | Path = "runs/demo", config_path: Optional[str] = None, overrides: Iterable[str] = ()) -> Dict:
-    """Run the demo; returns the results written to ``out_dir/results.json``."""
+def run_demo(out_dir: str | Path = "runs/demo", config_path: Optional[str] = None, overrides: Iterable[str] = (),
+             overwrite: bool = False) -> Dict:
+    """Run the demo; returns the results written to ``out_dir/results.json``.
+
+    An ``out_dir`` holding an earlier demo's runs is an error unless ``overwrite``.
+    """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     overrides = [f"run.out_dir={out_dir}", *overrides]
     config = load_config(config_path or DEMO_CONFIG, overrides)
+    earlier = [path for method in DEMO_METHODS for path in run_files(out_dir / method, method)]
+    if earlier and not overwrite:
+        raise FileExistsError(f"{out_dir} holds an earlier demo's runs ({', '.join(str(p) for p in earlier[:3])}, ...); "
+                              f"pass --overwrite to replace them, or another --out")
     scale = config["model"]["scale"]
     print(f"[demo] writing the built-in photos under {config['data']['builtin_root']}", flush=True)
     _, val_dir = resolve_data_dirs(config)
 
-    teacher = _prepare_teacher(config, out_dir, overrides)
+    teacher = _prepare_teacher(config, out_dir, overrides, overwrite)
     config["model"]["teacher_checkpoint"] = str(teacher["path"])
     teacher_network = models.model_from_checkpoint(teacher["path"], scale=scale)
     models.save_checkpoint_basicsr(teacher_network, out_dir / "teacher.pth")
@@ -80,7 +88,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config_path: Optional[str] = Non
         print(f"[demo] student {index}/{len(DEMO_METHODS)}: {method}", flush=True)
         student_config = copy.deepcopy(config)
         student_config["distill"]["method"] = method
-        summary = Trainer(student_config, mode="distill").fit()
+        summary = Trainer(student_config, mode="distill", overwrite=overwrite).fit()
         network = models.model_from_checkpoint(summary["export"])
         models.save_checkpoint_basicsr(network, out_dir / f"student_{method}.pth")
         students[method] = {"network": network, "summary": summary}

@@ -5,13 +5,26 @@ ground truth; ``distill`` trains ``model.student`` (plus its DR adapters)
 against the frozen ``model.teacher`` with the objective of
 :mod:`facd_fast.train.objective`. Single process, or data parallel under
 ``torchrun`` (gloo on CPU, nccl on GPU) with rank 0 alone logging and writing.
+
+What a run guarantees:
+
+- a step whose loss or gradient holds NaN/Inf changes no weight (the update
+  is skipped, counted in the log and the progress bar); ``train.max_bad_steps``
+  of them in a row stop the run with :class:`TrainingDiverged`, naming the
+  step and the term, and nothing is written for them;
+- no checkpoint or export is written with a non-finite weight;
+- a stage folder that holds a run is never written into unless the run is
+  resumed (``resume``) or replaced (``overwrite``);
+- temporary files of a write that was killed are removed by the next run.
 """
 from __future__ import annotations
 
 import gc
+import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -20,8 +33,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import data as sr_data
 from .. import metrics, models
+from ..atomic_files import atomic_write, remove_stale_temporaries
 from ..resources import resolve_path
-from .config import Config, ConfigError, dump_config
+from .config import Config, ConfigError, dump_config, validate_config
 from .data_folders import check_folder, resolve_data_dirs
 from .distributed import init_process_group, replica_max_abs_diff
 from .ema import ModelEMA
@@ -33,6 +47,18 @@ from .student import StudentWithAdapters
 from .training_state import TRAINING_STATE_KEY, atomic_torch_save, load_training_state, restore_rng_states, rng_states
 
 CHECKPOINT_NAME = "last.pt"
+#: Loss terms checked, in this order, to name the one that went non-finite.
+LOSS_TERMS = ("l1_hr", "l1_teacher", "feature", "loss")
+
+
+class TrainingDiverged(RuntimeError):
+    """``train.max_bad_steps`` steps in a row had a non-finite loss or gradient; the run stopped."""
+
+
+def run_files(out_dir: Path, stage: str) -> List[Path]:
+    """The files and folders a run of ``stage`` writes into its folder ``out_dir`` that exist there now."""
+    names = ["checkpoints", "log.jsonl", "config.toml", f"{stage}.pth", "curves.png", "comparison.png", "tensorboard"]
+    return [out_dir / name for name in names if (out_dir / name).exists()]
 
 
 def _to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
@@ -48,6 +74,10 @@ class Trainer:
         mode: "teacher" (train ``model.teacher`` alone) or "distill"
             (train ``model.student`` with ``distill.method``).
         resume: continue from ``out_dir/checkpoints/last.pt`` when it exists.
+        overwrite: replace the run the stage folder holds (its files are
+            deleted when :meth:`fit` starts). Without ``resume`` or
+            ``overwrite`` a stage folder holding a run is an error
+            (FileExistsError), raised before anything is written.
 
     The network being trained has one name per form: ``student`` (the bare
     network, what is validated, checkpointed and exported; under
@@ -59,9 +89,12 @@ class Trainer:
     distillation run (None under train-teacher).
     """
 
-    def __init__(self, config: Config, *, mode: str, resume: bool = False) -> None:
+    def __init__(self, config: Config, *, mode: str, resume: bool = False, overwrite: bool = False) -> None:
         if mode not in ("teacher", "distill"):
             raise ValueError(f"mode must be 'teacher' or 'distill', got {mode!r}")
+        if resume and overwrite:
+            raise ValueError("resume and overwrite contradict each other: continue the run or replace it, not both")
+        validate_config(config, mode)
         self.config = config
         self.mode = mode
         run, model_config, train = config["run"], config["model"], config["train"]
@@ -69,6 +102,17 @@ class Trainer:
         self.stage = "teacher" if mode == "teacher" else self.method
         self.out_dir = Path(run["out_dir"]) / self.stage
         self.checkpoint_path = self.out_dir / "checkpoints" / CHECKPOINT_NAME
+        self.export_path = self.out_dir / f"{self.stage}.pth"
+        existing = run_files(self.out_dir, self.stage)
+        if existing and not (resume or overwrite):
+            raise FileExistsError(
+                f"run.out_dir: {self.out_dir} already holds a {self.stage} run "
+                f"({', '.join(path.name for path in existing)}); pass --resume to continue it, --overwrite to "
+                f"replace it, or set another run.out_dir"
+            )
+        self.files_to_replace = existing if overwrite else []
+        if self.method != "none":
+            self._teacher_checkpoint_path()  # a missing teacher fails before the data is prepared
 
         set_determinism(config)
         self.group, self.device = init_process_group(run["device"])
@@ -113,6 +157,8 @@ class Trainer:
         self.batches_done_in_epoch = 0
         self.elapsed_s = 0.0
         self.last_val_psnr = float("nan")
+        self.skipped_steps = 0
+        self.bad_streak = 0
         if resume and self.checkpoint_path.is_file():
             self._load_state(load_training_state(self.checkpoint_path))
         # Each rank draws different crops and flips (a resume restores each rank's own RNG states).
@@ -145,15 +191,22 @@ class Trainer:
                 self.teacher = torch.compile(self.teacher)
         self.log = RunLog(self.out_dir, enabled=self.group.is_main, tensorboard=train["tensorboard"])
 
-    def _load_teacher(self) -> nn.Module:
-        model_config = self.config["model"]
-        setting = model_config["teacher_checkpoint"]
+    def _teacher_checkpoint_path(self) -> Path:
+        """The file ``model.teacher_checkpoint`` names; an error naming the setting when there is none."""
+        setting = self.config["model"]["teacher_checkpoint"]
         if not setting:
             raise ConfigError(f"model.teacher_checkpoint is required to distil (method {self.method!r})")
         path = resolve_path(setting)
         if not path.is_file():
             where = "" if str(path) == setting else f" (looked for {str(path)!r})"
-            raise FileNotFoundError(f"model.teacher_checkpoint: file {setting!r} does not exist{where}")
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"model.teacher_checkpoint: file {setting!r} {what}{where}")
+        return path
+
+    def _load_teacher(self) -> nn.Module:
+        model_config = self.config["model"]
+        setting = model_config["teacher_checkpoint"]
+        path = self._teacher_checkpoint_path()
         teacher = models.model_from_checkpoint(path, preset=model_config["teacher"], scale=model_config["scale"])
         if teacher.scale != model_config["scale"]:
             raise ConfigError(f"the teacher in {setting!r} is a x{teacher.scale} model, model.scale is {model_config['scale']}")
@@ -190,6 +243,7 @@ class Trainer:
             "batches_done_in_epoch": self.batches_done_in_epoch,
             "elapsed_s": self.elapsed_s,
             "last_val_psnr": self.last_val_psnr,
+            "skipped_steps": self.skipped_steps,
             "model_meta": models.model_meta(self.student),
             "model": self.student.state_dict(),
             "adapters": None if adapters is None else adapters.state_dict(),
@@ -225,6 +279,7 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_done_in_epoch = state["batches_done_in_epoch"]
         self.elapsed_s, self.last_val_psnr = state["elapsed_s"], state["last_val_psnr"]
+        self.skipped_steps = state.get("skipped_steps", 0)
         if len(state["rng"]) != self.group.world_size:
             raise ConfigError(
                 f"{self.checkpoint_path} was written by {len(state['rng'])} process(es), this run has "
@@ -233,9 +288,12 @@ class Trainer:
         restore_rng_states(state["rng"][self.group.rank])
 
     def save_checkpoint(self) -> None:
-        """Collective (every rank contributes its RNG states); rank 0 writes."""
+        """Collective (every rank contributes its RNG states); rank 0 writes, never a non-finite weight."""
         state = self.state_dict()
         if self.group.is_main:
+            for part in ("model", "adapters", "ema"):
+                if state[part] is not None:
+                    models.check_finite(state[part], f"refusing to write {self.checkpoint_path}: {part}")
             atomic_torch_save(state, self.checkpoint_path)
 
     @property
@@ -264,7 +322,8 @@ class Trainer:
             self.batches_done_in_epoch = 0
 
     # --- loop ------------------------------------------------------------------------------------
-    def train_step(self, lr: Tensor, hr: Tensor) -> Dict[str, Tensor]:
+    def train_step(self, lr: Tensor, hr: Tensor) -> Tuple[Dict[str, Tensor], Optional[str]]:
+        """One step: ``(terms, problem)``; ``problem`` names what went non-finite, and then no weight changed."""
         train = self.config["train"]
         self.train_module.train()
         with autocast_for(self.device, train["amp"]):
@@ -276,11 +335,34 @@ class Trainer:
             loss, terms = self.objective(sr, features, sr_teacher, teacher_features, hr)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.student)
-        return terms
+        problem = self._non_finite(loss, terms)
+        if problem is None:
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.student)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # the schedule follows the step count, taken or skipped
+        return terms, problem
+
+    def _non_finite(self, loss: Tensor, terms: Dict[str, Tensor]) -> Optional[str]:
+        """None when the loss and every gradient are finite (on every rank), else what was not."""
+        grads = [p.grad for p in self.student_with_adapters.parameters() if p.grad is not None]
+        finite = torch.isfinite(loss.detach())
+        if grads:
+            finite = finite & torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        bad = (~finite).to(torch.float32)
+        if self.group.distributed:  # every rank must skip together, or DDP's replicas drift apart
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if not bad.item():
+            return None
+        for name in LOSS_TERMS:
+            if name in terms and not torch.isfinite(terms[name]):
+                return f"the {name} term is {float(terms[name])}"
+        for name, parameter in self.student_with_adapters.named_parameters():
+            if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
+                return f"the gradient of {name} holds NaN/Inf"
+        return "another process's loss or gradient is non-finite"
 
     def fit(self) -> Dict[str, Any]:
         """Train to ``train.iterations``; returns the run's summary (also the last log record)."""
@@ -289,8 +371,12 @@ class Trainer:
         train = self.config["train"]
         total = train["iterations"]
         if self.group.is_main:
+            for path in self.files_to_replace:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            for path in (self.checkpoint_path, self.export_path):
+                remove_stale_temporaries(path)
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.toml").write_text(dump_config(self.config))
+            atomic_write(self.out_dir / "config.toml", lambda file: file.write(dump_config(self.config).encode()))
             self.log.truncate_after(self.step)
         bar = tqdm(
             total=total, initial=self.step, desc=self.stage, unit="it",
@@ -302,10 +388,14 @@ class Trainer:
         while self.step < total:
             started = time.perf_counter()
             lr, hr = next(batches)
-            terms = self.train_step(
+            terms, problem = self.train_step(
                 _to_device(lr, self.device, train["channels_last"]), _to_device(hr, self.device, train["channels_last"])
             )
             self.step += 1
+            if problem is not None:
+                self._skipped(problem, bar)
+            else:
+                self.bad_streak = 0
             self.batches_done_in_epoch += 1
             self.elapsed_s += time.perf_counter() - started
             window_steps += 1
@@ -315,6 +405,7 @@ class Trainer:
                 values["lr"] = self.scheduler.get_last_lr()[0]
                 values["it_s"] = window_steps / max(time.perf_counter() - window_start, 1e-9)
                 values["elapsed_s"] = self.elapsed_s
+                values["skipped_steps"] = self.skipped_steps
                 self.log.write("train", self.step, values)
                 window_start, window_steps = time.perf_counter(), 0
                 shown = values
@@ -322,10 +413,35 @@ class Trainer:
                 self.validate()
             if shown:
                 bar.set_postfix(self._postfix(shown), refresh=False)
-            if self.step % train["checkpoint_every"] == 0 or self.step == total:
+            # Not after a skipped step: the checkpoint stays at the last step that trained.
+            if (self.step % train["checkpoint_every"] == 0 or self.step == total) and not self.bad_streak:
                 self.save_checkpoint()
         bar.close()
         return self._finish()
+
+    def _skipped(self, problem: str, bar) -> None:
+        """Count a skipped step; stop the run after ``train.max_bad_steps`` in a row."""
+        self.skipped_steps += 1
+        self.bad_streak += 1
+        limit = self.config["train"]["max_bad_steps"]
+        self.log.write("skip", self.step, {"problem": problem, "in_a_row": self.bad_streak,
+                                           "skipped_steps": self.skipped_steps})
+        bar.set_postfix(skipped=self.skipped_steps, refresh=False)
+        if self.bad_streak == 1 and self.group.is_main:
+            bar.write(f"facd: warning: step {self.step}: {problem}; the step is skipped (no weight changed)",
+                      file=sys.stderr)
+        if self.bad_streak < limit:
+            return
+        saved = (f"{self.checkpoint_path} holds the last checkpoint" if self.checkpoint_path.is_file()
+                 else "no checkpoint was written")
+        message = (f"training diverged: {self.bad_streak} steps in a row (steps {self.step - self.bad_streak + 1} to "
+                   f"{self.step}) had a non-finite loss or gradient; at step {self.step} {problem}. No weight was "
+                   f"updated by them and nothing was written; {saved}. Lower train.lr (now "
+                   f"{self.config['train']['lr']:g}) or raise train.max_bad_steps ({limit}).")
+        self.log.write("diverged", self.step, {"problem": problem, "in_a_row": self.bad_streak})
+        self.log.close()
+        bar.close()
+        raise TrainingDiverged(message)
 
     def _postfix(self, values: Dict[str, float]) -> Dict[str, str]:
         shown = {"loss": f"{values['loss']:.4f}"}
@@ -334,6 +450,8 @@ class Trainer:
                 shown[name] = f"{values[name]:.4f}"
         if "distilled_fraction" in values:
             shown["distilled"] = f"{values['distilled_fraction']:.2f}"
+        if self.skipped_steps:
+            shown["skipped"] = str(self.skipped_steps)
         shown["val_psnr"] = f"{self.last_val_psnr:.2f}"
         return shown
 
@@ -362,15 +480,15 @@ class Trainer:
 
     def _finish(self) -> Dict[str, Any]:
         summary: Dict[str, Any] = {
-            "mode": self.mode, "method": self.method, "steps": self.step, "elapsed_s": self.elapsed_s,
+            "mode": self.mode, "method": self.method, "steps": self.step, "skipped_steps": self.skipped_steps,
+            "elapsed_s": self.elapsed_s,
             "val_psnr_y": self.last_val_psnr, "world_size": self.group.world_size,
         }
         if self.group.distributed:
             summary["replica_max_abs_diff"] = replica_max_abs_diff(self.student_with_adapters)
         if self.group.is_main:
-            export_path = self.out_dir / f"{self.stage}.pth"
-            models.save_checkpoint_basicsr(self.eval_network, export_path)
-            summary["export"] = str(export_path)
+            models.save_checkpoint_basicsr(self.eval_network, self.export_path)
+            summary["export"] = str(self.export_path)
             if self.config["train"]["plots"]:
                 from .plots import plot_run
 

@@ -1,42 +1,22 @@
 """Training-state checkpoints: written atomically, holding everything a bit-exact resume needs."""
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np
 import torch
 
+from ..atomic_files import atomic_write
+
 #: Marks a file as a facd_fast training state (as opposed to an exported model).
 TRAINING_STATE_KEY = "facd_fast_training_state"
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: a reader (or a crash) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def _current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+    """torch.save through :func:`facd_fast.atomic_files.atomic_write`: a reader (or a crash) never sees half a file."""
+    atomic_write(path, lambda file: torch.save(obj, file))
 
 
 def rng_states() -> Dict[str, Any]:
