@@ -159,6 +159,7 @@ class Trainer:
         self.last_val_psnr = float("nan")
         self.skipped_steps = 0
         self.bad_streak = 0
+        self.checkpoint_step: Optional[int] = None  # the step of the checkpoint on disk, once there is one
         if resume and self.checkpoint_path.is_file():
             self._load_state(load_training_state(self.checkpoint_path))
         # Each rank draws different crops and flips (a resume restores each rank's own RNG states).
@@ -280,6 +281,7 @@ class Trainer:
         self.batches_done_in_epoch = state["batches_done_in_epoch"]
         self.elapsed_s, self.last_val_psnr = state["elapsed_s"], state["last_val_psnr"]
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.checkpoint_step = self.step
         if len(state["rng"]) != self.group.world_size:
             raise ConfigError(
                 f"{self.checkpoint_path} was written by {len(state['rng'])} process(es), this run has "
@@ -295,6 +297,7 @@ class Trainer:
                 if state[part] is not None:
                     models.check_finite(state[part], f"refusing to write {self.checkpoint_path}: {part}")
             atomic_torch_save(state, self.checkpoint_path)
+        self.checkpoint_step = self.step
 
     @property
     def eval_network(self) -> nn.Module:
@@ -432,11 +435,11 @@ class Trainer:
                       file=sys.stderr)
         if self.bad_streak < limit:
             return
-        saved = (f"{self.checkpoint_path} holds the last checkpoint" if self.checkpoint_path.is_file()
-                 else "no checkpoint was written")
+        saved = (f"{self.checkpoint_path} holds step {self.checkpoint_step}" if self.checkpoint_step is not None
+                 else "no checkpoint had been written yet")
         message = (f"training diverged: {self.bad_streak} steps in a row (steps {self.step - self.bad_streak + 1} to "
                    f"{self.step}) had a non-finite loss or gradient; at step {self.step} {problem}. No weight was "
-                   f"updated by them and nothing was written; {saved}. Lower train.lr (now "
+                   f"updated by them and nothing was written for them; {saved}. Lower train.lr (now "
                    f"{self.config['train']['lr']:g}) or raise train.max_bad_steps ({limit}).")
         self.log.write("diverged", self.step, {"problem": problem, "in_a_row": self.bad_streak})
         self.log.close()
