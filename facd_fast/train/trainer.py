@@ -375,7 +375,10 @@ class Trainer:
         total = train["iterations"]
         if self.group.is_main:
             for path in self.files_to_replace:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
             for path in (self.checkpoint_path, self.export_path):
                 remove_stale_temporaries(path)
             self.out_dir.mkdir(parents=True, exist_ok=True)
