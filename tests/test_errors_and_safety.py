@@ -381,3 +381,13 @@ def test_lr_cache_follows_the_content_not_the_clock(tmp_path):
     os.utime(folder / "img00.png", (stamp, stamp))
     PairedFolderDataset(folder, 2, 16)
     assert not np.array_equal(np.array(Image.open(cached)), old)
+
+
+def test_demo_refuses_to_replace_an_earlier_demo_unasked(tmp_path, capsys):
+    earlier = tmp_path / "demo" / "fd-l1" / "log.jsonl"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("{}\n")
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    line = one_error_line(capsys)
+    assert str(earlier) in line and "--overwrite" in line
+    assert [p.name for p in (tmp_path / "demo").rglob("*")] == ["fd-l1", "log.jsonl"]
