@@ -1,4 +1,5 @@
 """Checkpoint import/export: foreign layouts written by the test itself, round trips, inference, errors."""
+import collections
 import re
 
 import pytest
@@ -232,3 +233,30 @@ def test_inference_needs_the_defining_keys():
     del state["conv_last.weight"]
     with pytest.raises(ValueError, match=r"cannot infer the architecture: the checkpoint lacks \['conv_last.weight'\]"):
         model_from_checkpoint(state)
+
+
+def test_read_checkpoint_takes_rng_states_but_runs_no_pickled_code(tmp_path):
+    import io
+    import zipfile
+
+    import numpy as np
+
+    from facd_fast.models import read_checkpoint
+
+    state = {"rng": np.random.get_state(), "weights": {"w": torch.ones(2)}}
+    torch.save(state, tmp_path / "state.pt")
+    assert np.array_equal(read_checkpoint(tmp_path / "state.pt")["rng"][1], state["rng"][1])
+    # The same file as numpy 1 writes it (numpy.core instead of numpy._core) loads too.
+    source = zipfile.ZipFile(tmp_path / "state.pt")
+    renamed = io.BytesIO()
+    with zipfile.ZipFile(renamed, "w", zipfile.ZIP_STORED) as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            target.writestr(item, data)
+    (tmp_path / "numpy1.pt").write_bytes(renamed.getvalue())
+    assert np.array_equal(read_checkpoint(tmp_path / "numpy1.pt")["rng"][1], state["rng"][1])
+    torch.save({"w": torch.ones(1), "how": collections.Counter("ab")}, tmp_path / "object.pt")
+    with pytest.raises(ValueError, match=f"cannot read checkpoint {tmp_path / 'object.pt'}.*Counter"):
+        read_checkpoint(tmp_path / "object.pt")

@@ -55,11 +55,29 @@ _RCAN_TO_BASICSR = [
 
 
 def _numpy_globals() -> list:
-    """The numpy objects a trainer checkpoint's RNG states pickle (arrays and dtypes), allowed by weights_only loading."""
+    """The numpy objects a trainer checkpoint's RNG states pickle (arrays and dtypes), allowed by weights_only loading.
+
+    The array constructor moved from numpy.core to numpy._core in numpy 2; files
+    written under either name are accepted.
+    """
     import numpy as np
 
     multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
-    return [multiarray._reconstruct, np.ndarray, np.dtype, *{type(np.dtype(t)) for t in (np.uint32, np.float64, np.int64)}]
+    reconstruct = multiarray._reconstruct
+    dtype_classes = {type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64)}
+    return [reconstruct, np.ndarray, np.dtype, *dtype_classes,
+            *((reconstruct, f"{name}.multiarray._reconstruct") for name in ("numpy.core", "numpy._core"))]
+
+
+def _load_failure(error: BaseException) -> str:
+    """The one line of torch's (often multi-paragraph) load error that says what was wrong."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line]
+    for index, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            detail = line.split("WeightsUnpickler error:")[-1].strip()
+            return detail or (lines[index + 1] if index + 1 < len(lines) else lines[0])
+    return lines[0] if lines else type(error).__name__
 
 
 def read_checkpoint(path) -> Mapping:
@@ -81,8 +99,8 @@ def read_checkpoint(path) -> Mapping:
     except MemoryError:
         raise
     except Exception as error:  # torch raises several types for a truncated, corrupt or foreign file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot read checkpoint {path}: not a complete PyTorch checkpoint ({reason})") from error
+        raise ValueError(f"cannot read checkpoint {path}: not a complete PyTorch checkpoint, or one that "
+                         f"holds more than tensors and plain data ({_load_failure(error)})") from error
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"cannot read checkpoint {path}: it holds a {type(checkpoint).__name__}, not a dict of tensors")
     return checkpoint
