@@ -27,12 +27,17 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then rename it to ``path``."""
+    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then rename it to ``path``.
+
+    An OSError (a full disk, a read-only folder) is re-raised naming ``path``;
+    the temporary file is removed on any failure.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    temporary = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
@@ -40,8 +45,11 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         # mkstemp makes the file private (0600); give it the permissions a plain open() would.
         os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError) and str(path) not in str(error):
+            raise type(error)(error.errno, f"cannot write {path}: {error.strerror or error}") from error
         raise
     return path
 

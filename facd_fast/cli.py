@@ -285,6 +285,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except USER_ERRORS as error:
         _print_error(error)
         return 2
+    except KeyboardInterrupt:
+        print("facd: interrupted (files are written whole or not at all; --resume continues a run from its "
+              "last checkpoint)", file=sys.stderr)
+        return 130
     except RuntimeError as error:
         from .train.trainer import TrainingDiverged
 
