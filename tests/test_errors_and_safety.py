@@ -172,6 +172,7 @@ def test_overwrite_replaces_and_resume_continues(first_run, tmp_path, capsys):
     run_root = tmp_path / "copy"
     shutil.copytree(first_run["run"], run_root / "facd")
     (run_root / "facd" / "notes.txt").write_text("mine")
+    (run_root / "facd" / "checkpoints" / "best.pt").write_text("also mine")
     args = ["distill", str(first_run["config"]), "--set", f"run.out_dir={run_root}"]
     assert main([*args, "--resume", "--set", "train.iterations=8"]) == 0
     records = [json.loads(t) for t in (run_root / "facd" / "log.jsonl").read_text().splitlines()]
@@ -181,6 +182,7 @@ def test_overwrite_replaces_and_resume_continues(first_run, tmp_path, capsys):
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
     assert load_training_state(run_root / "facd" / "checkpoints" / "last.pt")["step"] == 2
     assert (run_root / "facd" / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+    assert (run_root / "facd" / "checkpoints" / "best.pt").read_text() == "also mine"
 
 
 def test_stale_temporary_files_of_a_killed_write_are_removed_by_the_next_run(first_run, tmp_path):

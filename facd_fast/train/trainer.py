@@ -57,7 +57,8 @@ class TrainingDiverged(RuntimeError):
 
 def run_files(out_dir: Path, stage: str) -> List[Path]:
     """The files and folders a run of ``stage`` writes into its folder ``out_dir`` that exist there now."""
-    names = ["checkpoints", "log.jsonl", "config.toml", f"{stage}.pth", "curves.png", "comparison.png", "tensorboard"]
+    names = [f"checkpoints/{CHECKPOINT_NAME}", "log.jsonl", "config.toml", f"{stage}.pth", "curves.png",
+             "comparison.png", "tensorboard"]
     return [out_dir / name for name in names if (out_dir / name).exists()]
 
 
@@ -107,7 +108,7 @@ class Trainer:
         if existing and not (resume or overwrite):
             raise FileExistsError(
                 f"run.out_dir: {self.out_dir} already holds a {self.stage} run "
-                f"({', '.join(path.name for path in existing)}); pass --resume to continue it, --overwrite to "
+                f"({', '.join(str(path.relative_to(self.out_dir)) for path in existing)}); pass --resume to continue it, --overwrite to "
                 f"replace it, or set another run.out_dir"
             )
         self.files_to_replace = existing if overwrite else []
