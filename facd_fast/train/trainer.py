@@ -106,10 +106,10 @@ class Trainer:
         self.export_path = self.out_dir / f"{self.stage}.pth"
         existing = run_files(self.out_dir, self.stage)
         if existing and not (resume or overwrite):
+            listed = ", ".join(str(path.relative_to(self.out_dir)) for path in existing)
             raise FileExistsError(
-                f"run.out_dir: {self.out_dir} already holds a {self.stage} run "
-                f"({', '.join(str(path.relative_to(self.out_dir)) for path in existing)}); pass --resume to continue it, --overwrite to "
-                f"replace it, or set another run.out_dir"
+                f"run.out_dir: {self.out_dir} already holds a {self.stage} run ({listed}); pass --resume to "
+                f"continue it, --overwrite to replace it, or set another run.out_dir"
             )
         self.files_to_replace = existing if overwrite else []
         if self.method != "none":
