@@ -195,7 +195,7 @@ def test_foreign_mean_shift_must_match():
 
 
 def test_bad_checkpoint_inputs(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(FileNotFoundError, match="checkpoint .* does not exist"):
         load_pretrained(_small_edsr(2), tmp_path / "missing.pth")
     (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read checkpoint"):

@@ -90,7 +90,7 @@ def read_checkpoint(path) -> Mapping:
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is a folder, not a file")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise ValueError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
     try:
