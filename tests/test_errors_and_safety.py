@@ -393,3 +393,16 @@ def test_demo_refuses_to_replace_an_earlier_demo_unasked(tmp_path, capsys):
     line = one_error_line(capsys)
     assert str(earlier) in line and "--overwrite" in line
     assert [p.name for p in (tmp_path / "demo").rglob("*")] == ["fd-l1", "log.jsonl"]
+
+
+@pytest.mark.parametrize("backend", facd_fast.available_backends())
+def test_masked_out_patch_gets_exactly_zero_gradient_even_from_nan(backend):
+    student = torch.rand(3, 4, 3, 3)
+    student[1] = float("nan")
+    student.requires_grad_()
+    teacher = torch.rand(3, 4, 3, 3)
+    loss = facd_fast.contrastive_loss(student, teacher, mask=torch.tensor([True, False, True]), backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.equal(student.grad[1], torch.zeros_like(student.grad[1]))
+    assert torch.isfinite(student.grad).all() and student.grad[0].abs().sum() > 0
