@@ -10,6 +10,8 @@
     facd bench --latency [--out DIR] [--demo-dir DIR]
     facd demo [--out DIR] [--config CONFIG] [--set ...] [--overwrite]
     facd configs [NAME]
+    facd study CONFIG [--methods none,fd-l1,facd] [--seeds 0,1,2,3,4] [--sweep KEY=V1,V2 ...] [--set ...]
+               [--eval-dir [NAME=]DIR ...] [--jobs N] [--baseline none] --out DIR
     facd --version
 
 CONFIG is a TOML file or the name of a shipped config (``facd distill edsr_x4``);
@@ -118,9 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default=None, help="demo config file or shipped config name (default: demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     demo.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier demo in --out")
+    demo.add_argument("--seeds", type=int, default=None, help="students per method (default 4)")
+    demo.add_argument("--jobs", type=int, default=2, help="students trained at once (default 2)")
 
     configs = commands.add_parser("configs", help="list the shipped configs, or print one (to copy and edit)")
     configs.add_argument("name", nargs="?", help="print this shipped config's TOML text")
+
+    study = commands.add_parser("study", help="grid of distill runs (method x seed x sweep), evaluated, compared in pairs")
+    study.add_argument("config", help="TOML config file, or the name of a shipped config (facd configs lists them)")
+    study.add_argument("--methods", default="none,fd-l1,facd", help="comma-separated methods (default none,fd-l1,facd)")
+    study.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated run.seed values (default 0,1,2,3,4)")
+    study.add_argument("--sweep", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                       help="values of one config key to cross with the grid (repeatable: the product)")
+    study.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value in every run, or in one method's runs with a METHOD: "
+                            "prefix (facd:distill.lambda=0.03) (repeatable)")
+    study.add_argument("--eval-dir", action="append", default=[], metavar="[NAME=]DIR",
+                       help="evaluate every student on this folder (repeatable; default: the config's data.val_hr_dir)")
+    study.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
+    study.add_argument("--baseline", default="none", help="method the others are compared with (default none)")
+    study.add_argument("--out", required=True, help="study folder (an interrupted study resumes there)")
+    study.add_argument("--no-train", action="store_true",
+                       help="only summarise the runs of the grid already finished (train and evaluate nothing)")
     return parser
 
 
@@ -249,7 +270,10 @@ def _run_bench(args) -> int:
 def _run_demo(args) -> int:
     from .train.demo import run_demo
 
-    run_demo(out_dir=args.out, config_path=args.config, overrides=args.overrides, overwrite=args.overwrite)
+    from .train.demo import DEMO_SEEDS
+
+    run_demo(out_dir=args.out, config_path=args.config, overrides=args.overrides,
+             seeds=DEMO_SEEDS if args.seeds is None else args.seeds, jobs=args.jobs, overwrite=args.overwrite)
     return 0
 
 
@@ -268,6 +292,30 @@ def _run_configs(args) -> int:
     return 0
 
 
+def _run_study(args) -> int:
+    from .train.study import run_study
+
+    def integers(text: str) -> List[int]:
+        try:
+            return [int(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, got {text!r}") from None
+
+    try:
+        run_study(
+            args.config, methods=[m.strip() for m in args.methods.split(",")], seeds=integers(args.seeds),
+            sweeps=args.sweep, sets=args.overrides, eval_dirs=args.eval_dir, jobs=args.jobs, out=args.out,
+            baseline=args.baseline, train=not args.no_train,
+        )
+        status = 0
+    except RuntimeError as error:  # some runs failed: the study of the others is written all the same
+        print(f"facd: error: {error}", file=sys.stderr)
+        status = 1
+    print(f"wrote {args.out}/study.json, study.md, study_*.png")
+    print((Path(args.out) / "study.md").read_text())
+    return status
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
@@ -279,6 +327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "bench": lambda: _run_bench(args),
         "demo": lambda: _run_demo(args),
         "configs": lambda: _run_configs(args),
+        "study": lambda: _run_study(args),
     }
     try:
         return handlers[args.command]()

@@ -1,6 +1,7 @@
 """Training patches from an HR folder and benchmark images from the usual SR folder layouts."""
 from __future__ import annotations
 
+import hashlib
 import numbers
 import warnings
 from collections.abc import Sequence
@@ -150,19 +151,48 @@ class PairedFolderDataset(Dataset):
         return lr, hr
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sample(index)
+
+    def sample(self, index: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``index``, its crop and flips drawn from ``generator`` (default: torch's global generator)."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} patches")
         lr, hr = self._load(index % len(self.pairs))
         lr_patch = self.patch_size // self.scale
         # torch's generator, not numpy's: DataLoader seeds it differently in every worker.
-        top = int(torch.randint(lr.shape[0] - lr_patch + 1, ()))
-        left = int(torch.randint(lr.shape[1] - lr_patch + 1, ()))
+        top = int(torch.randint(lr.shape[0] - lr_patch + 1, (), generator=generator))
+        left = int(torch.randint(lr.shape[1] - lr_patch + 1, (), generator=generator))
         lr = lr[top:top + lr_patch, left:left + lr_patch]
         hr = hr[top * self.scale:(top + lr_patch) * self.scale, left * self.scale:(left + lr_patch) * self.scale]
         if self.augment:
-            hflip, vflip, transpose = (torch.rand(3) < 0.5).tolist()
+            hflip, vflip, transpose = (torch.rand(3, generator=generator) < 0.5).tolist()
             lr, hr = (_flip_rotate(image, hflip, vflip, transpose) for image in (lr, hr))
         return to_tensor(lr), to_tensor(hr)
+
+
+class SeededPatches(Dataset):
+    """A :class:`PairedFolderDataset` whose random crops and flips depend only on the item's place in the run.
+
+    Items are keyed ``(epoch, rank, position, index)``: patch ``index`` of
+    ``dataset`` with its crop and flips drawn from a generator seeded by
+    ``(seed, epoch, rank, position)``, never from the global RNG. Two runs with
+    the same seed and sampler therefore see the same patches in the same order
+    whatever else they draw (the DR adapters of one method, a loss that samples),
+    and a resumed run, with or without workers, sees what an uninterrupted one would.
+    """
+
+    def __init__(self, dataset: PairedFolderDataset, seed: int):
+        self.dataset = dataset
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, rank, position, index = key
+        digest = hashlib.blake2b(f"{self.seed}:{epoch}:{rank}:{position}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        return self.dataset.sample(index, generator)
 
 
 def _flip_rotate(image: np.ndarray, hflip: bool, vflip: bool, transpose: bool) -> np.ndarray:

@@ -98,6 +98,9 @@ DEFAULTS: Config = {
         # EMA of the student's weights; 0 disables it.
         "ema_decay": 0.0,
         "log_every": 100,
+        # On log steps, also log the gradient norm each objective term sends into the student and its
+        # cosine with the pixel term's (facd_fast.train.diagnostics; one extra backward pass per term).
+        "grad_norms": True,
         "val_every": 5000,
         "checkpoint_every": 5000,
         # A step whose loss or gradient is NaN/Inf is skipped (the weights keep their last finite
@@ -114,6 +117,8 @@ DEFAULTS: Config = {
         "alpha": 0.5,
         # lambda weighs the feature term (FACD, FD or FAKD), summed over taps with tap_weights.
         "lambda": 1.0,
+        # lambda grows linearly from 0 to its value over the first lambda_warmup steps (0: constant).
+        "lambda_warmup": 0,
         "tap_weights": [1.0, 1.0, 1.0],
         # "auto": the adaptive mask gates both distillation terms for facd only; true/false force it
         # for fd-l1/fd-l2/fakd (facd-nomask is always unmasked, none has nothing to gate).

@@ -3,17 +3,21 @@
 1. writes the built-in photos (training and held-out folders);
 2. takes the shipped x2 demo teacher (``package:checkpoints/edsr-demo-teacher-x2.pth``, made by
    ``facd train-teacher demo-teacher``), or trains it when the file is absent;
-3. distils three students from it with one config, changing only the method:
-   the student alone ("none"), FitNet-style FD ("fd-l1") and FACD ("facd");
-4. evaluates bicubic, the students and the teacher on the held-out photos by the
-   exact protocol and prints the table;
-5. writes to the run folder: ``teacher.pth`` and ``student_<method>.pth`` (BasicSR
-   format), ``results.json``, ``curves.png`` and ``comparison.png``.
+3. distils students from it with one config, changing only the method and the seed
+   (``facd study``): the student alone ("none"), FitNet-style FD ("fd-l1") and
+   FACD ("facd"), ``DEMO_SEEDS`` seeds each, paired (same seed: same initial
+   weights, same patches in the same order), two at a time;
+4. evaluates them, bicubic and the teacher on the held-out photos by the exact
+   protocol and prints mean ± 95% CI per method and the paired differences,
+   saying in words which lie inside the noise;
+5. writes to the run folder: ``teacher.pth`` and ``student_<method>.pth`` (seed 0,
+   BasicSR format), ``results.json``, ``curves.png``, ``comparison.png`` and
+   ``study/`` (every run, ``study.json``, ``study.md``, ``study_val.png``).
 """
 from __future__ import annotations
 
-import copy
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
@@ -24,7 +28,7 @@ from .config import Config, load_config
 from .evaluate import evaluate, open_benchmark
 from .plots import plot_comparison, plot_curves, super_resolve
 from .data_folders import resolve_data_dirs
-from .trainer import Trainer, run_files
+from .trainer import Trainer
 
 #: Shipped configs (facd_fast/configs/), by name: see facd_fast.resources.config_path.
 DEMO_CONFIG = "demo"
@@ -32,6 +36,11 @@ TEACHER_CONFIG = "demo-teacher"
 #: The teacher's training record, kept beside the shipped checkpoint (facd_fast/checkpoints/README.md).
 TEACHER_RECORD_SUFFIX = ".json"
 DEMO_METHODS = ("none", "fd-l1", "facd")
+#: Students per method: enough for a t-based confidence interval of each mean and paired difference.
+DEMO_SEEDS = 4
+#: Per-method settings over the demo config (facd_fast/configs/demo.toml): each method's lambda is the best of those tried on
+#: the validation photos (docs/results.md); the file holds FACD's.
+DEMO_METHOD_SETS = ("fd-l1:distill.lambda=0.01",)
 
 
 def _prepare_teacher(config: Config, out_dir: Path, overrides: Iterable[str], overwrite: bool) -> Dict[str, object]:
@@ -49,82 +58,106 @@ def _prepare_teacher(config: Config, out_dir: Path, overrides: Iterable[str], ov
     return {"path": Path(summary["export"]), "elapsed_s": summary["elapsed_s"], "shipped": False}
 
 
-def _table(rows: List[Dict[str, object]]) -> str:
-    lines = [f"{'model':<22} {'params':>9} {'Y-PSNR (dB)':>12} {'SSIM':>7} {'vs bicubic':>11} {'train time':>11}"]
-    bicubic = rows[0]["psnr_y"]
-    for row in rows:
-        params = f"{row['params'] / 1e3:.0f}k" if row["params"] else "-"
-        time_s = "-" if row["train_s"] is None else f"{row['train_s']:.0f} s"
-        gain = "" if row["name"] == "bicubic" else f"{row['psnr_y'] - bicubic:+.3f}"
-        lines.append(f"{row['name']:<22} {params:>9} {row['psnr_y']:>12.3f} {row['ssim_y']:>7.4f} {gain:>11} {time_s:>11}")
+def _group_table(groups: List[Dict], bicubic: float, teacher: Dict[str, float]) -> str:
+    lines = [f"{'model':<22} {'seeds':>5} {'Y-PSNR mean ± 95% CI (dB)':>27} {'std':>6} {'SSIM':>7} {'vs bicubic':>11}",
+             f"{'bicubic':<22} {'':>5} {bicubic:>27.3f} {'':>6} {'':>7} {'':>11}"]
+    for group in groups:
+        stats = group["psnr_y"]
+        ci = f"{stats['mean']:.3f} ± {stats['ci_half']:.3f}"
+        lines.append(f"{'student (' + group['method'] + ')':<22} {stats['n']:>5} {ci:>27} {stats['std']:>6.3f} "
+                     f"{group['ssim_y_mean']:>7.4f} {stats['mean'] - bicubic:>+11.3f}")
+    lines.append(f"{'teacher':<22} {'':>5} {teacher['psnr_y']:>27.3f} {'':>6} {teacher['ssim_y']:>7.4f} "
+                 f"{teacher['psnr_y'] - bicubic:>+11.3f}")
+    return "\n".join(lines)
+
+
+def _difference_table(comparisons: List[Dict]) -> str:
+    lines = [f"{'paired difference':<18} {'mean ± 95% CI (dB)':>20} {'wins/losses':>12}  verdict"]
+    for comparison in comparisons:
+        stats = comparison["psnr_y_diff"]
+        ci = f"{stats['mean']:+.3f} ± {stats['ci_half']:.3f}"
+        lines.append(f"{comparison['a'] + ' - ' + comparison['b']:<18} {ci:>20} "
+                     f"{str(stats['wins']) + '/' + str(stats['losses']):>12}  {comparison['verdict']}")
     return "\n".join(lines)
 
 
 def run_demo(out_dir: str | Path = "runs/demo", config_path: Optional[str] = None, overrides: Iterable[str] = (),
-             overwrite: bool = False) -> Dict:
+             seeds: int = DEMO_SEEDS, jobs: int = 2, overwrite: bool = False) -> Dict:
     """Run the demo; returns the results written to ``out_dir/results.json``.
 
-    An ``out_dir`` holding an earlier demo's runs is an error unless ``overwrite``.
+    ``seeds`` students per method (seeds 0 .. seeds-1), ``jobs`` trained at once, through
+    :func:`facd_fast.train.study.run_study`: a second call with the same ``out_dir`` and settings
+    reuses the finished students (other settings there are an error); ``overwrite`` deletes
+    ``out_dir/study`` first and trains them all again.
     """
+    from .study import run_study
+
+    if seeds < 2:
+        raise ValueError(f"--seeds must be >= 2 (a confidence interval needs two seeds), got {seeds}")
     started = time.perf_counter()
     out_dir = Path(out_dir)
     overrides = [f"run.out_dir={out_dir}", *overrides]
-    config = load_config(config_path or DEMO_CONFIG, overrides)
-    earlier = [path for method in DEMO_METHODS for path in run_files(out_dir / method, method)]
-    if earlier and not overwrite:
-        raise FileExistsError(f"{out_dir} holds an earlier demo's runs ({', '.join(str(p) for p in earlier[:3])}, ...); "
-                              f"pass --overwrite to replace them, or another --out")
+    config_path = str(config_path or DEMO_CONFIG)
+    config = load_config(config_path, overrides)
     scale = config["model"]["scale"]
     print(f"[demo] writing the built-in photos under {config['data']['builtin_root']}", flush=True)
     _, val_dir = resolve_data_dirs(config)
 
     teacher = _prepare_teacher(config, out_dir, overrides, overwrite)
-    config["model"]["teacher_checkpoint"] = str(teacher["path"])
+    if overwrite and (out_dir / "study").exists():
+        shutil.rmtree(out_dir / "study")
     teacher_network = models.model_from_checkpoint(teacher["path"], scale=scale)
     models.save_checkpoint_basicsr(teacher_network, out_dir / "teacher.pth")
 
-    students = {}
-    for index, method in enumerate(DEMO_METHODS, 1):
-        print(f"[demo] student {index}/{len(DEMO_METHODS)}: {method}", flush=True)
-        student_config = copy.deepcopy(config)
-        student_config["distill"]["method"] = method
-        summary = Trainer(student_config, mode="distill", overwrite=overwrite).fit()
-        network = models.model_from_checkpoint(summary["export"])
-        models.save_checkpoint_basicsr(network, out_dir / f"student_{method}.pth")
-        students[method] = {"network": network, "summary": summary}
+    print(f"[demo] {len(DEMO_METHODS)} methods x {seeds} seeds = {len(DEMO_METHODS) * seeds} students "
+          f"({config['train']['iterations']} steps each), {jobs} at a time", flush=True)
+    study = run_study(
+        config_path, methods=DEMO_METHODS, seeds=list(range(seeds)), jobs=jobs, out=out_dir / "study",
+        # Per-run plots off: the demo draws its own curves and comparison below.
+        sets=[*DEMO_METHOD_SETS, *overrides[1:], "train.plots=false", f"model.teacher_checkpoint={Path(teacher['path']).resolve()}",
+              f"data.builtin_root={Path(config['data']['builtin_root']).resolve()}"],
+        eval_dirs=[f"val={val_dir}"],
+    )
+    data = study["evals"]["val"]
 
-    print(f"[demo] evaluating on the held-out photos in {val_dir}", flush=True)
+    print(f"[demo] evaluating bicubic and the teacher on the held-out photos in {val_dir}", flush=True)
     folder = open_benchmark(val_dir, scale)
-    candidates = [("bicubic", None, None)]
-    candidates += [(f"student ({method})", s["network"], s["summary"]["elapsed_s"]) for method, s in students.items()]
-    candidates.append(("teacher", teacher_network, teacher["elapsed_s"]))
-    rows = []
-    for name, network, train_s in candidates:
-        result = evaluate(network, folder, scale, progress=True, label=name)
-        rows.append({
-            "name": name, "psnr_y": result["mean_psnr_y"], "ssim_y": result["mean_ssim_y"], "train_s": train_s,
-            "params": models.count_parameters(network) if network is not None else 0, "images": result["images"],
-        })
-
+    bicubic = evaluate(None, folder, scale)
+    teacher_result = evaluate(teacher_network, folder, scale)
+    students = {}
+    for method in DEMO_METHODS:  # seed 0's students: exported beside the teacher, plotted
+        run_dir = out_dir / "study" / "runs" / method / "seed0"
+        students[method] = models.model_from_checkpoint(run_dir / method / f"{method}.pth")
+        models.save_checkpoint_basicsr(students[method], out_dir / f"student_{method}.pth")
     _, lr, hr = folder[0]
-    outputs = {f"student ({m})": super_resolve(s["network"], lr) for m, s in students.items()}
+    outputs = {f"student ({m})": super_resolve(network, lr) for m, network in students.items()}
     outputs["teacher"] = super_resolve(teacher_network, lr)
     plots = [
-        plot_curves({method: out_dir / method / "log.jsonl" for method in students}, out_dir / "curves.png"),
+        plot_curves({m: out_dir / "study" / "runs" / m / "seed0" / m / "log.jsonl" for m in DEMO_METHODS},
+                    out_dir / "curves.png"),
         plot_comparison(lr, hr, outputs, scale, out_dir / "comparison.png"),
+        out_dir / "study" / "study_val.png",
     ]
     results = {
         "scale": scale,
         "val_dir": str(val_dir),
-        "rows": rows,
-        "teacher_shipped": teacher["shipped"],
+        "seeds": seeds,
         "student_steps": config["train"]["iterations"],
+        "bicubic": {"psnr_y": bicubic["mean_psnr_y"], "ssim_y": bicubic["mean_ssim_y"]},
+        "teacher": {"psnr_y": teacher_result["mean_psnr_y"], "ssim_y": teacher_result["mean_ssim_y"],
+                    "shipped": teacher["shipped"], "train_s": teacher["elapsed_s"]},
+        "groups": data["groups"],
+        "comparisons": data["comparisons"],
         "wall_s": time.perf_counter() - started,
         "plots": [str(p) for p in plots],
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     print()
-    print(f"x{scale} on {len(folder)} held-out photos (Y channel, {scale}-pixel border cropped):")
-    print(_table(rows))
-    print(f"\n[demo] done in {results['wall_s']:.0f} s; wrote {out_dir}/(teacher.pth, student_*.pth, results.json, curves.png, comparison.png)")
+    print(f"x{scale} on {len(folder)} held-out photos (Y channel, {scale}-pixel border cropped), "
+          f"{seeds} students per method (seeds 0-{seeds - 1}), 95% CI t-based over seeds:")
+    print(_group_table(data["groups"], results["bicubic"]["psnr_y"], results["teacher"]))
+    print("\nPaired by seed (same initial weights, same patches in the same order):")
+    print(_difference_table(data["comparisons"]))
+    print(f"\n[demo] done in {results['wall_s']:.0f} s; wrote {out_dir}/(teacher.pth, student_*.pth, results.json, "
+          f"curves.png, comparison.png, study/)")
     return results

@@ -115,12 +115,17 @@ class DistillationObjective(nn.Module):
         sr_teacher: Optional[Tensor],
         teacher_features: Optional[List[Tensor]],
         hr: Tensor,
-    ) -> Tuple[Tensor, Dict[str, Tensor]]:
+        *,
+        return_parts: bool = False,
+    ):
+        """``(loss, terms)``, or ``(loss, terms, parts)`` with ``return_parts``: parts are the weighted
+        terms of the sum, still in the graph ({"pixel", "output", "feature"}), for gradient diagnostics."""
         sr_student = sr_student.float()
         hr = hr.float()
         pixel = F.l1_loss(sr_student, hr)
         if not self.needs_teacher:
-            return pixel, {"loss": pixel.detach(), "l1_hr": pixel.detach()}
+            terms = {"loss": pixel.detach(), "l1_hr": pixel.detach()}
+            return (pixel, terms, {"pixel": pixel}) if return_parts else (pixel, terms)
         if len(student_features) != len(self.tap_weights) or len(teacher_features) != len(self.tap_weights):
             raise ValueError(
                 f"distill.tap_weights has {len(self.tap_weights)} weights but the models give "
@@ -137,7 +142,12 @@ class DistillationObjective(nn.Module):
             mask = self._mask(sr_student, sr_teacher, hr)
             feature_term = self._baseline_feature_term(student_features, teacher_features, mask)
         output_term = _masked_mean(per_patch_l1(sr_student, sr_teacher), mask)
-        loss = (1.0 - self.alpha) * pixel + self.alpha * output_term + self.feature_weight * feature_term.float()
+        parts = {
+            "pixel": (1.0 - self.alpha) * pixel,
+            "output": self.alpha * output_term,
+            "feature": self.feature_weight * feature_term.float(),
+        }
+        loss = parts["pixel"] + parts["output"] + parts["feature"]
         terms.update(
             loss=loss.detach(),
             l1_hr=pixel.detach(),
@@ -145,7 +155,7 @@ class DistillationObjective(nn.Module):
             feature=feature_term.detach().float(),
             distilled_fraction=(mask.float().mean() if mask is not None else torch.ones((), device=hr.device)),
         )
-        return loss, terms
+        return (loss, terms, parts) if return_parts else (loss, terms)
 
 
 def _masked_mean(per_patch: Tensor, mask: Optional[Tensor]) -> Tensor:

@@ -37,6 +37,7 @@ from ..atomic_files import atomic_write, remove_stale_temporaries
 from ..resources import resolve_path
 from .config import Config, ConfigError, dump_config, validate_config
 from .data_folders import check_folder, resolve_data_dirs
+from .diagnostics import term_gradient_norms
 from .distributed import init_process_group, replica_max_abs_diff
 from .ema import ModelEMA
 from .objective import ADAPTED_METHODS, DistillationObjective, mask_enabled
@@ -138,7 +139,10 @@ class Trainer:
         self.teacher = self._load_teacher() if self.method != "none" else None
         adapters = None
         if self.method in ADAPTED_METHODS:
-            adapters = models.DRAdapters(self.student.num_feat, self.teacher.num_feat, num_taps=len(self.student.taps))
+            # From their own seed: the global RNG (hence anything drawn after) stays as for "none".
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(run["seed"] + 1)
+                adapters = models.DRAdapters(self.student.num_feat, self.teacher.num_feat, num_taps=len(self.student.taps))
         self.objective = self._build_objective()
         self.student_with_adapters = StudentWithAdapters(
             self.student, adapters, with_features=self.method != "none"
@@ -309,9 +313,13 @@ class Trainer:
     def _epoch_batches(self):
         """Batches of the current epoch from where the last run stopped: the order depends only on (seed, epoch)."""
         self.sampler.set_epoch(self.epoch)
-        indices = list(self.sampler)[self.batches_done_in_epoch * self.config["train"]["batch_size"]:]
+        # Crops and flips are seeded by each patch's place in the run, not drawn from the global RNG,
+        # so that runs with the same seed see the same patches whatever the method (sr_data.SeededPatches).
+        keys = [(self.epoch, self.group.rank, position, index) for position, index in enumerate(self.sampler)]
+        keys = keys[self.batches_done_in_epoch * self.config["train"]["batch_size"]:]
         loader = DataLoader(
-            self.dataset, batch_size=self.config["train"]["batch_size"], sampler=indices, drop_last=True,
+            sr_data.SeededPatches(self.dataset, self.config["run"]["seed"]),
+            batch_size=self.config["train"]["batch_size"], sampler=keys, drop_last=True,
             num_workers=self.config["data"]["num_workers"], pin_memory=self.device.type == "cuda",
             worker_init_fn=seed_worker,
             generator=torch.Generator().manual_seed(self.config["run"]["seed"] * 100003 + self.epoch),
@@ -326,17 +334,24 @@ class Trainer:
             self.batches_done_in_epoch = 0
 
     # --- loop ------------------------------------------------------------------------------------
-    def train_step(self, lr: Tensor, hr: Tensor) -> Tuple[Dict[str, Tensor], Optional[str]]:
-        """One step: ``(terms, problem)``; ``problem`` names what went non-finite, and then no weight changed."""
-        train = self.config["train"]
+    def train_step(self, lr: Tensor, hr: Tensor, diagnose: bool = False) -> Tuple[Dict[str, Tensor], Optional[str]]:
+        """One step: ``(terms, problem)``; ``problem`` names what went non-finite, and then no weight changed.
+        ``diagnose`` adds each objective term's gradient norm into the student to the terms."""
+        train, distill = self.config["train"], self.config["distill"]
         self.train_module.train()
+        if self.method != "none" and distill["lambda_warmup"] > 0:
+            self.objective.feature_weight = distill["lambda"] * min(1.0, (self.step + 1) / distill["lambda_warmup"])
         with autocast_for(self.device, train["amp"]):
             sr, features = self.train_module(lr)
             sr_teacher = teacher_features = None
             if self.teacher is not None:
                 with torch.no_grad():
                     sr_teacher, teacher_features = self.teacher(lr, return_features=True)
-            loss, terms = self.objective(sr, features, sr_teacher, teacher_features, hr)
+            loss, terms, parts = self.objective(sr, features, sr_teacher, teacher_features, hr, return_parts=True)
+        if self.method != "none":
+            terms["lambda"] = torch.tensor(self.objective.feature_weight, dtype=torch.float64)
+        if diagnose:
+            terms.update(term_gradient_norms(parts, list(self.student.parameters())))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         problem = self._non_finite(loss, terms)
@@ -395,8 +410,12 @@ class Trainer:
         while self.step < total:
             started = time.perf_counter()
             lr, hr = next(batches)
+            # Gradient diagnostics on log steps only (each costs a backward pass), and not under DDP,
+            # whose reducer expects exactly one backward per forward.
+            logging = (self.step + 1) % train["log_every"] == 0 or self.step + 1 == total
             terms, problem = self.train_step(
-                _to_device(lr, self.device, train["channels_last"]), _to_device(hr, self.device, train["channels_last"])
+                _to_device(lr, self.device, train["channels_last"]), _to_device(hr, self.device, train["channels_last"]),
+                diagnose=logging and train["grad_norms"] and not self.group.distributed,
             )
             self.step += 1
             if problem is not None:
