@@ -184,9 +184,9 @@ def test_distill_eval_export_from_a_shipped_config_outside_the_checkout(installe
 
 def test_demo_runs_to_its_table_outside_the_checkout(installed):
     work, env = installed["work"], installed["env"]
-    result = _run(["facd", "demo", "--out", "demo-run", *QUICK], cwd=work, env=env)
+    result = _run(["facd", "demo", "--out", "demo-run", "--seeds", "2", *QUICK], cwd=work, env=env)
     assert "teacher: shipped checkpoint " + str(installed["purelib"] / DEMO_TEACHER) in result.stdout
-    assert "Y-PSNR (dB)" in result.stdout
+    assert "Y-PSNR mean ± 95% CI (dB)" in result.stdout and "Paired by seed" in result.stdout
     results = json.loads((work / "demo-run" / "results.json").read_text())
-    assert results["teacher_shipped"] and results["student_steps"] == 2
-    assert [row["name"] for row in results["rows"]][0] == "bicubic"
+    assert results["teacher"]["shipped"] and results["student_steps"] == 2 and results["seeds"] == 2
+    assert [group["method"] for group in results["groups"]] == ["none", "fd-l1", "facd"]
