@@ -120,7 +120,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config_path: Optional[str] = Non
     )
     data = study["evals"]["val"]
 
-    print(f"[demo] evaluating bicubic and the teacher on the held-out photos in {val_dir}", flush=True)
+    print(f"[demo] evaluating bicubic and the teacher on the validation photos in {val_dir}", flush=True)
     folder = open_benchmark(val_dir, scale)
     bicubic = evaluate(None, folder, scale)
     teacher_result = evaluate(teacher_network, folder, scale)
@@ -153,7 +153,8 @@ def run_demo(out_dir: str | Path = "runs/demo", config_path: Optional[str] = Non
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     print()
-    print(f"x{scale} on {len(folder)} held-out photos (Y channel, {scale}-pixel border cropped), "
+    print(f"x{scale} on {len(folder)} validation photos (not trained on; the recipe was chosen on them; "
+          f"held-out photos: docs/results.md) (Y channel, {scale}-pixel border cropped), "
           f"{seeds} students per method (seeds 0-{seeds - 1}), 95% CI t-based over seeds:")
     print(_group_table(data["groups"], results["bicubic"]["psnr_y"], results["teacher"]))
     print("\nPaired by seed (same initial weights, same patches in the same order):")
