@@ -293,3 +293,8 @@ def test_demo_runs_the_methods_over_seeds_and_prints_the_paired_table(tmp_path, 
         assert (tmp_path / "demo" / f"student_{method}.pth").is_file()
     for name in ("curves.png", "comparison.png", "results.json", "study/study.json", "study/study_val.png"):
         assert (tmp_path / "demo" / name).is_file()
+    # The same folder with other settings: refused before any training, nothing lost.
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo" / "study" / "runs").rglob("result.json")}
+    with pytest.raises(ConfigError, match="demo with other settings: pass --overwrite"):
+        run_demo(out_dir=tmp_path / "demo", config_path=str(config), overrides=["train.lr=1e-3"], seeds=2, jobs=2)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "demo" / "study" / "runs").rglob("result.json")} == before

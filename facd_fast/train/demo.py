@@ -24,11 +24,11 @@ from typing import Dict, Iterable, List, Optional
 
 from .. import models
 from ..resources import resolve_path
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 from .evaluate import evaluate, open_benchmark
 from .plots import plot_comparison, plot_curves, super_resolve
 from .data_folders import resolve_data_dirs
-from .trainer import Trainer
+from .trainer import Trainer, run_files
 
 #: Shipped configs (facd_fast/configs/), by name: see facd_fast.resources.config_path.
 DEMO_CONFIG = "demo"
@@ -99,25 +99,40 @@ def run_demo(out_dir: str | Path = "runs/demo", config_path: Optional[str] = Non
     overrides = [f"run.out_dir={out_dir}", *overrides]
     config_path = str(config_path or DEMO_CONFIG)
     config = load_config(config_path, overrides)
+    # An earlier demo of one student per method (before `facd study`) in out_dir: refuse, as any run does.
+    earlier = [path for method in DEMO_METHODS for path in run_files(out_dir / method, method)]
+    if earlier and not overwrite:
+        raise FileExistsError(f"{out_dir} holds an earlier demo's runs ({', '.join(str(p) for p in earlier[:3])}, ...); "
+                              f"pass --overwrite to replace them, or another --out")
     scale = config["model"]["scale"]
     print(f"[demo] writing the built-in photos under {config['data']['builtin_root']}", flush=True)
     _, val_dir = resolve_data_dirs(config)
 
     teacher = _prepare_teacher(config, out_dir, overrides, overwrite)
-    if overwrite and (out_dir / "study").exists():
-        shutil.rmtree(out_dir / "study")
+    if overwrite:
+        for path in earlier:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        if (out_dir / "study").exists():
+            shutil.rmtree(out_dir / "study")
     teacher_network = models.model_from_checkpoint(teacher["path"], scale=scale)
     models.save_checkpoint_basicsr(teacher_network, out_dir / "teacher.pth")
 
     print(f"[demo] {len(DEMO_METHODS)} methods x {seeds} seeds = {len(DEMO_METHODS) * seeds} students "
           f"({config['train']['iterations']} steps each), {jobs} at a time", flush=True)
-    study = run_study(
-        config_path, methods=DEMO_METHODS, seeds=list(range(seeds)), jobs=jobs, out=out_dir / "study",
-        # Per-run plots off: the demo draws its own curves and comparison below.
-        sets=[*DEMO_METHOD_SETS, *overrides[1:], "train.plots=false", f"model.teacher_checkpoint={Path(teacher['path']).resolve()}",
-              f"data.builtin_root={Path(config['data']['builtin_root']).resolve()}"],
-        eval_dirs=[f"val={val_dir}"],
-    )
+    sets = [*DEMO_METHOD_SETS, *overrides[1:], "train.plots=false",  # the demo draws its own plots below
+            f"model.teacher_checkpoint={Path(teacher['path']).resolve()}",
+            f"data.builtin_root={Path(config['data']['builtin_root']).resolve()}"]
+    try:
+        study = run_study(config_path, methods=DEMO_METHODS, seeds=list(range(seeds)), jobs=jobs,
+                          out=out_dir / "study", sets=sets, eval_dirs=[f"val={val_dir}"])
+    except ConfigError as error:
+        if "holds a run of another config" not in str(error):
+            raise
+        raise ConfigError(f"{out_dir / 'study'} holds the students of a demo with other settings: pass --overwrite "
+                          f"to train them again, or another --out ({error})") from None
     data = study["evals"]["val"]
 
     print(f"[demo] evaluating bicubic and the teacher on the validation photos in {val_dir}", flush=True)
