@@ -95,20 +95,20 @@ def test_a_bad_step_changes_no_weight_and_training_goes_on(first_run, tmp_path, 
     trainer = Trainer(config, mode="distill")
     forward = DistillationObjective.forward
 
-    def nan_feature_at_step_2(self, *args):
-        loss, terms = forward(self, *args)
+    def nan_feature_at_step_2(self, *args, return_parts=False):
+        loss, terms, parts = forward(self, *args, return_parts=True)
         if trainer.step == 1:  # the second step (trainer.step counts steps done)
             terms["feature"] = terms["feature"] * float("nan")
             loss = loss + terms["feature"]
-        return loss, terms
+        return (loss, terms, parts) if return_parts else (loss, terms)
 
     monkeypatch.setattr(DistillationObjective, "forward", nan_feature_at_step_2)
     before = {}
     original_step = trainer.train_step
 
-    def recording_step(lr, hr):
+    def recording_step(lr, hr, **kwargs):
         before[trainer.step] = {k: v.clone() for k, v in trainer.student_with_adapters.state_dict().items()}
-        return original_step(lr, hr)
+        return original_step(lr, hr, **kwargs)
 
     trainer.train_step = recording_step
     summary = trainer.fit()

@@ -247,6 +247,27 @@ def _done(run_dir: Path, evals: Dict[str, str]) -> bool:
     return all(name in result.get("evals", {}) and result["evals"][name]["dir"] == folder for name, folder in evals.items())
 
 
+def _prepare_data(config_file: str, grid: Sequence[Run]) -> None:
+    """Write the built-in photos and the LR cache of every training set of the grid once, here, before
+    the children start: parallel runs would otherwise all write the same cache files at once."""
+    from .. import data as sr_data
+    from .data_folders import resolve_data_dirs
+
+    done = set()
+    for run in grid:
+        config = load_config(config_file, run.overrides)
+        data = config["data"]
+        key = (data["train_hr_dir"], data["train_lr_dir"], data["cache_dir"], data["builtin_root"], config["model"]["scale"])
+        if key in done:
+            continue
+        done.add(key)
+        train_dir, _ = resolve_data_dirs(config)
+        if data["train_lr_dir"] or not train_dir or not Path(train_dir).is_dir():
+            continue  # nothing to cache (or the run itself reports the missing folder)
+        sr_data.PairedFolderDataset(train_dir, config["model"]["scale"], data["patch_size"],
+                                    cache_dir=data["cache_dir"] or None, augment=False)
+
+
 def _launch(run_dir: Path, threads: int) -> subprocess.Popen:
     env = dict(os.environ)
     if threads > 0:
@@ -302,6 +323,8 @@ def run_study(
                 for run in grid]
 
     pending = [d for d in run_dirs if not _done(d, evals)] if train else []
+    if pending:
+        _prepare_data(config_file, grid)
     if train:
         echo(f"[study] {len(grid)} runs ({len(grid) - len(pending)} already done), {jobs} at a time, under {out}")
     else:
