@@ -197,8 +197,8 @@ def _eval_dirs(eval_dirs: Sequence[str], config: Dict) -> Dict[str, str]:
     """{name: absolute folder}: ``NAME=DIR`` or ``DIR`` (named by its folder); default the config's validation folder."""
     from .data_folders import resolve_data_dirs
 
+    _, val_dir = resolve_data_dirs(config)  # writes the built-in photos first, so --eval-dir may name them
     if not eval_dirs:
-        _, val_dir = resolve_data_dirs(config)
         if not val_dir:
             raise ConfigError("no --eval-dir and the config has no data.val_hr_dir to evaluate on")
         eval_dirs = [f"val={val_dir}"]
