@@ -26,7 +26,8 @@ LR_CACHE_VERSION = "facd-lr-bicubic-2"
 LR_CACHE_KEY = "facd_lr_source"
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def check_int(name: str, value, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``; TypeError for bools and non-integers, ValueError below it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
@@ -59,11 +60,11 @@ class PairedFolderDataset(Dataset):
 
     def __init__(self, hr_dir, scale: int, patch_size: int, *, lr_dir=None, cache_dir=None, augment: bool = True,
                  repeat: int = 1, in_memory: bool | None = None):
-        self.scale = _check_int("scale", scale, 1)
-        self.patch_size = _check_int("patch_size", patch_size, 1)
+        self.scale = check_int("scale", scale, 1)
+        self.patch_size = check_int("patch_size", patch_size, 1)
         if self.patch_size % self.scale:
             raise ValueError(f"patch_size must be a multiple of scale, got patch_size={patch_size}, scale={scale}")
-        self.repeat = _check_int("repeat", repeat, 1)
+        self.repeat = check_int("repeat", repeat, 1)
         self.augment = bool(augment)
         self.hr_dir = Path(hr_dir)
         hr_files = list_images(self.hr_dir, "HR folder")
@@ -224,7 +225,7 @@ class BenchmarkFolder(Sequence):
     """
 
     def __init__(self, root_or_hr_dir, scale: int, *, lr_dir=None, skip_unreadable: bool = False):
-        self.scale = _check_int("scale", scale, 1)
+        self.scale = check_int("scale", scale, 1)
         root = Path(root_or_hr_dir)
         if (root / "HR").is_dir():
             self.hr_dir = root / "HR"

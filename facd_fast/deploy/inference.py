@@ -7,24 +7,17 @@ composes the two as ``facd upscale`` and ``facd eval`` use them.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..data.datasets import check_int
+
 Forward = Callable[[Tensor], Tensor]
 
 #: Index i of the dihedral group of the square: bit 0 flips W, bit 1 flips H, bit 2 swaps H and W.
 ENSEMBLE_SIZE = 8
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def dihedral(x: Tensor, index: int) -> Tensor:
@@ -123,8 +116,8 @@ def tiled_forward(forward: Forward, lr: Tensor, scale: int, tile: int, overlap: 
     edge see zero padding where the image has content: seams, fading with the
     distance from the edge.
     """
-    tile, overlap = _check_int("tile", tile, 1), _check_int("tile overlap", overlap, 0)
-    batch = _check_int("batch", batch, 1)
+    tile, overlap = check_int("tile", tile, 1), check_int("tile overlap", overlap, 0)
+    batch = check_int("batch", batch, 1)
     if lr.dim() != 4:
         raise ValueError(f"lr must be (B, C, H, W), got shape {tuple(lr.shape)}")
     height, width = lr.shape[-2:]
