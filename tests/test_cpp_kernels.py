@@ -21,6 +21,13 @@ pytestmark = pytest.mark.skipif(ops.CPP in ops.UNAVAILABLE, reason="the C++ exte
 NOTHING_SAVED = torch.empty(0, dtype=torch.int8)
 
 
+@pytest.fixture(autouse=True)
+def cpp_kernels_serve_cpu_tensors():
+    """These tests call the ops directly: the C++ kernels must serve CPU tensors, whatever an earlier
+    ``backend="triton"`` call under the interpreter registered for the CPU key (process-wide)."""
+    ops.use_kernels(ops.CPP, "cpu")
+
+
 def features(shape, layout="contiguous", dtype=torch.float32, seed=0):
     return make_feature(shape, dtype, "cpu", layout, torch.Generator().manual_seed(seed))
 
