@@ -9,12 +9,6 @@ from facd_fast.bench import latency
 from facd_fast.cli import main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.slow
 def test_latency_benchmark_rows_csv_table_and_plot(tmp_path, monkeypatch):

@@ -11,13 +11,6 @@ from facd_fast.train.training_state import load_training_state
 from train_fixtures import run_facd, tiny_config, write_images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_torch_threads():
-    """In-process runs set one intra-op thread (run.threads); later test files get torch's count back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):

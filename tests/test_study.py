@@ -19,14 +19,6 @@ from facd_fast.train.trainer import Trainer
 from train_fixtures import REPO_ROOT, facd_command, subprocess_env, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def restore_torch_state():
-    """In-process trainers set torch's thread count and deterministic mode: give the next tests theirs back."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
 
 # --- statistics --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("df, expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622), (30, 2.0423)])
