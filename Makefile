@@ -1,11 +1,12 @@
-# make test   set up .venv (if missing) and run the test suite
+# make test            set up .venv (if missing) and run the test suite
+# make test-triton36   the Triton tests under triton 3.6.0's interpreter (the GPU machines' triton), in .venv-triton36
 # make dist   the sdist and the wheel (with the compiled extension) in dist/, built against .venv's torch
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.facd-installed
 
-.PHONY: setup test demo dist clean
+.PHONY: setup test test-triton36 demo dist clean
 
 $(STAMP): requirements/ci.txt pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,9 @@ setup: $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-triton36:
+	PYTHON=$(PYTHON) scripts/triton36_lane.sh
 
 # make demo   set up, then teacher + three students on the built-in photos, table and plots in runs/demo/ (replaced)
 demo: setup

@@ -66,10 +66,14 @@ def _resource_usage(cubin: bytes) -> str:
 
 
 def _signature(kernel, args):
-    names = [name for name in kernel.arg_names if name not in kernel.constexprs_names]
+    """Argument types as the launcher derives them: an annotated argument (``eps_norm: tl.float64``) has its type."""
+    params = [param for param in kernel.params if not param.is_constexpr]
     types = []
-    for name, value in zip(names, args):
-        if isinstance(value, torch.Tensor):
+    for param, value in zip(params, args):
+        name = param.name
+        if param.annotation_type:
+            types.append((name, param.annotation_type))
+        elif isinstance(value, torch.Tensor):
             types.append((name, _POINTER_TYPES[value.dtype]))
         elif isinstance(value, bool):
             types.append((name, "i1"))
@@ -85,7 +89,6 @@ def _install_recorders(launches):
         module.wrap_triton = lambda kernel: kernel  # the launchers wrap for torch.compile; a recorder needs no wrapping
         for name, value in vars(module).items():
             if isinstance(value, triton.runtime.JITFunction) and name.endswith("_kernel"):
-                value.constexprs_names = {value.arg_names[i] for i in value.constexprs}
                 setattr(module, name, LaunchRecorder(value, launches))
 
 

@@ -4,7 +4,12 @@ Their results against the reference are in test_ops.py (the contract suite).
 Without a GPU they run in Triton's interpreter on CPU tensors
 (tests/conftest.py sets TRITON_INTERPRET=1); select them alone with ``pytest -m triton``.
 """
+import inspect
+import json
+import os
+import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -15,6 +20,7 @@ import facd_fast  # noqa: E402
 from facd_fast import api, ops, reference  # noqa: E402
 from facd_fast.kernels import contrastive as contrastive_kernels  # noqa: E402
 from facd_fast.kernels import patch_mse as patch_mse_kernels  # noqa: E402
+from facd_fast.kernels import tiling as kernel_tiling  # noqa: E402
 from facd_fast.kernels import utils as kernel_utils  # noqa: E402
 from test_ops import SHAPES, Kernel, check_against_reference, distances_and_gradients, make_inputs  # noqa: E402
 from test_ops import poisoned  # noqa: E402,F401  (a fixture)
@@ -35,10 +41,10 @@ def kernel_on(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_multi_block_tiling(device, option, monkeypatch, poisoned):
     """Small blocks force every loop and tail: anchor, other-row, position and channel blocks, uneven channel runs."""
-    monkeypatch.setattr(contrastive_kernels, "_MAX_ROW_BLOCK", 2)
-    monkeypatch.setattr(contrastive_kernels, "_MAX_POSITION_BLOCK", 8)
-    monkeypatch.setattr(contrastive_kernels, "_MAX_CHANNEL_BLOCK", 2)
-    monkeypatch.setattr(contrastive_kernels, "_CHANNEL_TILE_ELEMENTS", 16)
+    monkeypatch.setattr(kernel_tiling, "_MAX_ROW_BLOCK", 2)
+    monkeypatch.setattr(kernel_tiling, "_MAX_POSITION_BLOCK", 8)
+    monkeypatch.setattr(kernel_tiling, "_MAX_CHANNEL_BLOCK", 2)
+    monkeypatch.setattr(kernel_tiling, "_CHANNEL_TILE_ELEMENTS", 16)
     monkeypatch.setattr(kernel_utils, "_INTERPRETER_PROGRAMS", 12)  # 2 channel runs of 2 and 1 on CPU
     negatives, distance, normalize = option
     # bfloat16 without normalisation: the gradient adds up over other-row blocks in a float32 buffer, then is cast
@@ -193,3 +199,94 @@ def test_saved_sign_sums_are_exact(device, batch):
     negative = sum(torch.sign(s - t[k]) for k in range(batch)) - positive
     assert saved.dtype == torch.int8 and saved.shape == (2, *shape)
     assert torch.equal(saved.long(), torch.stack((positive, negative)).long())
+
+
+#: What each Triton kernel writes (its output buffers); every other tensor argument is only read.
+WRITTEN = {
+    "_channel_inverse_norms_kernel": {"inv_norm_ptr"},
+    "_pair_distance_sums_kernel": {"pair_sums_ptr", "positive_sums_ptr", "sign_state_ptr"},
+    "_pair_gradient_kernel": {"grad_ptr"},
+    "_channel_normalize_backward_kernel": {"grad_ptr"},
+    "_l1_student_gradient_kernel": {"grad_ptr"},
+    "_l2_in_batch_sums_kernel": {"partial_ptr"},
+    "_l2_in_batch_gradient_kernel": {"student_grad_ptr", "teacher_grad_ptr"},
+    "_patch_squared_error_sums_kernel": {"sums_ptr"},
+}
+
+#: Traces every launcher as torch.compile's AOTAutograd does (functionalised, fake tensors) and prints, per
+#: wrap_triton launch in the graph, the kernel and the arguments it clones as mutated. Without a GPU, the TTIR
+#: that torch's mutation analysis reads is generated for sm_90 (a stand-in driver names the target); the
+#: kernels must be compiled ones, not the interpreter's, so the process runs with TRITON_INTERPRET=0.
+TRACE_SCRIPT = textwrap.dedent(
+    """
+    import itertools, json
+    import torch
+    from torch.func import functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_functional
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class Sm90:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    driver.set_active(Sm90())
+    from facd_fast.kernels import contrastive, patch_mse
+
+    launches = []
+
+    def trace(function, *args):
+        graph = make_fx(functionalize(function), tracing_mode="fake")(*args)
+        for node in graph.graph.nodes:
+            if node.target is triton_kernel_wrapper_functional:
+                kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+                launches.append((kernel.fn.__name__, sorted(node.kwargs["tensors_to_clone"])))
+
+    student, teacher = torch.randn(3, 5, 3, 4), torch.randn(3, 5, 3, 4)
+    grad = torch.ones(3)
+    for negatives, distance, normalize, keep_state in itertools.product(
+            (None, torch.randn(3, 2, 5, 3, 4)), ("l1", "l2"), ("channel", "none"), (False, True)):
+        def forward_backward(g, s, t, n):
+            *_, saved = contrastive.feature_distances_forward(s, t, n, distance, normalize, keep_state)
+            mask = [True, True, n is not None]
+            return contrastive.feature_distances_backward(g, g, s, t, n, saved, distance, normalize, mask)
+
+        trace(forward_backward, grad, student, teacher, negatives)
+    trace(patch_mse.patch_mse, student[:, :3], teacher[:, :3], student[:, :3])
+    print(json.dumps(launches))
+    """
+)
+
+
+@pytest.mark.slow
+def test_compile_clones_only_what_the_kernels_write():
+    """Under torch.compile, a kernel argument its mutation analysis finds written is cloned on every call:
+    read-only inputs (the features, the teacher, the negatives, their inverse norms) must never be."""
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], capture_output=True, text=True, timeout=600,
+                            env=environment)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "assuming every input is mutated" not in result.stderr, result.stderr[-4000:]
+    launches = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {name for name, _ in launches} == set(WRITTEN)
+    for name, cloned in launches:
+        assert set(cloned) <= WRITTEN[name], f"{name} clones read-only inputs: {sorted(set(cloned) - WRITTEN[name])}"
+
+
+def test_norm_floor_is_a_float64_argument():
+    """eps_norm reaches the compiled kernels as float64: a plain float argument is typed fp32 at launch. The
+    interpreter ignores the annotation (the closed-form tests check the value), so this reads it as a compiled
+    launch does (triton's KernelParam), from the kernels' Python functions."""
+    from triton.runtime.jit import KernelParam
+
+    types = {}
+    for module in (contrastive_kernels, patch_mse_kernels):
+        for name, kernel in vars(module).items():
+            if name.endswith("_kernel"):
+                for index, param in enumerate(inspect.signature(kernel.fn).parameters.values()):
+                    if param.name == "eps_norm":
+                        types[name] = KernelParam(index, param, False, False).annotation_type
+    assert set(types) == {"_channel_inverse_norms_kernel", "_channel_normalize_backward_kernel",
+                          "_l1_student_gradient_kernel"}
+    assert set(types.values()) == {"fp64"}, types
