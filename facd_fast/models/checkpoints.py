@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic_files import atomic_write
-from .network import DIV2K_RGB_MEAN
-from .presets import ARCHS, PRESETS, build, from_config
+from .factory import build_network, factory_record, is_factory_spec
+from .network import DIV2K_RGB_MEAN, ResidualSRNetwork
+from .presets import ARCHS, PRESETS, from_config
 
 METADATA_KEY = "facd_fast"
 _WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
@@ -238,8 +239,9 @@ def load_pretrained(model: nn.Module, path_or_state_dict, strict: bool = True,
 
 def _load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], strict: bool, source: str) -> dict[str, list[str]]:
     model = _bare_network(model)
-    state = to_basicsr_keys(tensors, rgb_mean=getattr(model, "rgb_mean", None),
-                            img_range=getattr(model, "img_range", 255.0))
+    # The layout conversions are for EDSR / RCAN files; a user's own network loads its own state dict.
+    state = (to_basicsr_keys(tensors, rgb_mean=model.rgb_mean, img_range=model.img_range)
+             if isinstance(model, ResidualSRNetwork) else dict(tensors))
     message = _mismatch_message(model, state)
     if message and strict:
         raise ValueError(f"{source} does not fit {type(model).__name__}: {message}")
@@ -250,7 +252,15 @@ def _load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], strict: bool,
 
 
 def model_meta(model: nn.Module) -> dict:
-    """Our architecture record of a network: ``{"arch", "config", "scale"}`` (enough to rebuild it)."""
+    """Our architecture record of a network, enough to rebuild it: ``{"arch", "config", "scale"}`` for
+    EDSR / RCAN, ``{"factory", "kwargs", "scale"}`` for a network a factory made (:func:`build_network`)."""
+    model = _bare_network(model)
+    record = factory_record(model)
+    if record is not None:
+        return dict(record)
+    if not isinstance(model, ResidualSRNetwork):
+        raise ValueError(f"cannot record the architecture of a {type(model).__name__}: build it with "
+                         f"facd_fast.models.build_network(\"package.module:function\", scale)")
     return {"arch": model.arch, "config": model.config(), "scale": model.scale}
 
 
@@ -319,15 +329,16 @@ _ARCHITECTURE_KEYS = ("arch", "scale", "num_feat", "num_block", "num_group", "re
 
 
 def model_from_checkpoint(path_or_state_dict, preset: str | None = None, scale: int | None = None,
-                          param_key: str | None = None) -> nn.Module:
+                          param_key: str | None = None, *, source: str | None = None) -> nn.Module:
     """Build the network a checkpoint holds and load it.
 
-    The architecture is ``preset`` when given (at ``scale``, or the scale read
-    from the weights; it must agree with the file's own record if there is
-    one), else the one our metadata records, else the one inferred from the
-    key names and tensor shapes.
+    The architecture is ``preset`` when given (a preset name or "package.module:function", at
+    ``scale``, or the scale read from the weights; it must agree with the file's own record if there
+    is one), else the one our metadata records, else the one inferred from the key names and tensor
+    shapes. ``source`` names a state dict given in memory in errors (default "the checkpoint").
     """
-    checkpoint, source = _read(path_or_state_dict)
+    checkpoint, read_as = _read(path_or_state_dict)
+    source = source or read_as
     try:
         return _model_from_tensors(*_unwrap(checkpoint, param_key, source), preset, scale, source)
     except ValueError as error:
@@ -336,11 +347,37 @@ def model_from_checkpoint(path_or_state_dict, preset: str | None = None, scale: 
         raise ValueError(f"{source}: {error}") from error
 
 
+def _factory_network(spec: str, metadata: dict | None, scale: int | None, source: str, given: bool) -> nn.Module:
+    """The network of factory ``spec``, with the file's recorded kwargs and scale when it records the same factory."""
+    recorded = metadata if isinstance(metadata, Mapping) and metadata.get("factory") == spec else {}
+    if scale is not None and recorded and scale != recorded["scale"]:
+        raise ValueError(f"scale={scale} disagrees with the checkpoint's recorded scale {recorded['scale']}")
+    scale = scale if scale is not None else recorded.get("scale")
+    if scale is None:
+        raise ValueError(f"{spec} needs the scale: the file does not record it, give --scale")
+    try:
+        return build_network(spec, scale, recorded.get("kwargs"), what="--model" if given else f"{source} records model")
+    except ValueError as error:
+        if given:
+            raise
+        raise ValueError(f"{error}; or pass --model package.module:function naming where the network is "
+                         f"defined now") from None
+
+
 def _model_from_tensors(tensors: dict[str, Tensor], metadata: dict | None, preset: str | None,
                         scale: int | None, source: str) -> nn.Module:
     recorded = metadata.get("config") if isinstance(metadata, Mapping) else None
+    if preset is not None and is_factory_spec(preset):
+        model = _factory_network(preset, metadata, scale, source, given=True)
+        _load_tensors(model, tensors, True, source)
+        return model
+    if preset is None and isinstance(metadata, Mapping) and "factory" in metadata:
+        model = _factory_network(metadata["factory"], metadata, scale, source, given=False)
+        _load_tensors(model, tensors, True, source)
+        return model
     if preset is not None:
-        model = build(preset, scale if scale is not None else infer_config(to_basicsr_keys(tensors))["scale"])
+        model = build_network(preset, scale if scale is not None else infer_config(to_basicsr_keys(tensors))["scale"],
+                              what="--model")
         _load_tensors(model, tensors, True, source)  # a different shape fails here, listing the keys
         if isinstance(recorded, Mapping):
             built = model.config()

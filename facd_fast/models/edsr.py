@@ -5,7 +5,8 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from .network import DIV2K_RGB_MEAN, ResidualSRNetwork, check_positive_int, check_positive_real
+from ..checks import check_int, check_real
+from .network import DIV2K_RGB_MEAN, ResidualSRNetwork
 
 
 class ResidualBlock(nn.Module):
@@ -25,7 +26,7 @@ class ResidualBlock(nn.Module):
 class EDSR(ResidualSRNetwork):
     """EDSR: ``num_block`` residual blocks of ``num_feat`` channels.
 
-    Default taps (spec section 2): the body split in three runs of
+    Default taps (docs/models.md, "Feature taps"): the body split in three runs of
     round(num_block / 3) blocks: after run 1, after run 2, and ``conv_after_body``.
     """
 
@@ -34,8 +35,8 @@ class EDSR(ResidualSRNetwork):
     def __init__(self, scale: int = 4, num_feat: int = 64, num_block: int = 16, res_scale: float = 1.0, *,
                  taps=None, num_in_ch: int = 3, num_out_ch: int = 3, img_range: float = 255.0,
                  rgb_mean: Sequence[float] = DIV2K_RGB_MEAN, preset: str | None = None):
-        self.num_block = check_positive_int("num_block", num_block)
-        self.res_scale = check_positive_real("res_scale", res_scale)
+        self.num_block = check_int("num_block", num_block, 1)
+        self.res_scale = check_real("res_scale", res_scale, 0.0, least_inclusive=False)
         super().__init__(scale=scale, num_feat=num_feat, taps=taps, num_in_ch=num_in_ch, num_out_ch=num_out_ch,
                          img_range=img_range, rgb_mean=rgb_mean, preset=preset)
 

@@ -9,7 +9,7 @@ from .rcan import RCAN
 ARCHS = {"edsr": EDSR, "rcan": RCAN}
 
 # name -> (arch, constructor kwargs). The teacher and student rows are the
-# networks of spec section 2; the demo rows are small enough to train on a CPU.
+# networks of docs/models.md, "Feature taps"; the demo rows are small enough to train on a CPU.
 PRESETS: dict[str, tuple[str, dict]] = {
     "edsr-teacher": ("edsr", {"num_block": 32, "num_feat": 256, "res_scale": 0.1}),
     "edsr-student": ("edsr", {"num_block": 16, "num_feat": 64, "res_scale": 1.0}),

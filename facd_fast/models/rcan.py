@@ -10,7 +10,8 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from .network import DIV2K_RGB_MEAN, ResidualSRNetwork, check_positive_int, check_positive_real
+from ..checks import check_int, check_real
+from .network import DIV2K_RGB_MEAN, ResidualSRNetwork
 
 
 class ChannelAttention(nn.Module):
@@ -54,7 +55,7 @@ class ResidualGroup(nn.Module):
 class RCAN(ResidualSRNetwork):
     """RCAN: ``num_group`` residual groups of ``num_block`` RCABs, ``num_feat`` channels.
 
-    Default taps (spec section 2): after group 2, after group 6 (for 10 groups;
+    Default taps (docs/models.md, "Feature taps"): after group 2, after group 6 (for 10 groups;
     the same fractions 2/10 and 6/10 of the groups otherwise), and ``conv_after_body``.
     """
 
@@ -63,12 +64,12 @@ class RCAN(ResidualSRNetwork):
     def __init__(self, scale: int = 4, num_feat: int = 64, num_group: int = 10, num_block: int = 20,
                  reduction: int = 16, res_scale: float = 1.0, *, taps=None, num_in_ch: int = 3, num_out_ch: int = 3,
                  img_range: float = 255.0, rgb_mean: Sequence[float] = DIV2K_RGB_MEAN, preset: str | None = None):
-        self.num_group = check_positive_int("num_group", num_group)
-        self.num_block = check_positive_int("num_block", num_block)
-        self.reduction = check_positive_int("reduction", reduction)
+        self.num_group = check_int("num_group", num_group, 1)
+        self.num_block = check_int("num_block", num_block, 1)
+        self.reduction = check_int("reduction", reduction, 1)
         if num_feat // self.reduction < 1:
             raise ValueError(f"reduction must be <= num_feat, got reduction={reduction}, num_feat={num_feat}")
-        self.res_scale = check_positive_real("res_scale", res_scale)
+        self.res_scale = check_real("res_scale", res_scale, 0.0, least_inclusive=False)
         super().__init__(scale=scale, num_feat=num_feat, taps=taps, num_in_ch=num_in_ch, num_out_ch=num_out_ch,
                          img_range=img_range, rgb_mean=rgb_mean, preset=preset)
 
