@@ -17,8 +17,6 @@ still serves as a negative for the other patches).
 """
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import warnings
 from typing import List, Optional, Tuple
@@ -27,17 +25,13 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
+from .checks import check_choice, check_real
 from .definition import compute_dtype, contrastive_ratio, keeps_sign_state, mask_from_mse
 
 DISTANCES = ("l1", "l2")
 NORMALIZATIONS = ("channel", "none")
 REDUCTIONS = ("mean", "sum", "none")
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def _check_dense(name: str, x: Tensor) -> None:
@@ -76,20 +70,6 @@ def _check_mask(mask, batch: int, device: torch.device) -> None:
         return
     if not ((mask == 0) | (mask == 1)).all():
         raise ValueError("mask must hold only 0 and 1 (or be a bool tensor)")
-
-
-def _check_real(name: str, value) -> None:
-    """TypeError unless ``value`` is a real Python/numpy number (a tensor or a bool is not), ValueError if not finite."""
-    if isinstance(value, (bool, Tensor)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-
-def _check_positive_real(name: str, value) -> None:
-    _check_real(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 #: Every backend name: ``auto``, the oracle, the ops' kernel sets.
@@ -240,10 +220,10 @@ def contrastive_loss(
     _check_same_device({"student": student, "teacher": teacher, "negatives": negatives})
     if mask is not None:
         _check_mask(mask, batch, student.device)
-    _check_choice("distance", distance, DISTANCES)
-    _check_choice("normalize", normalize, NORMALIZATIONS)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    _check_positive_real("eps", eps)
+    check_choice("distance", distance, DISTANCES)
+    check_choice("normalize", normalize, NORMALIZATIONS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_real("eps", eps, 0.0, least_inclusive=False)
     _check_backend(backend)
 
     d_pos, d_neg = feature_distances(student, teacher, negatives, distance, normalize, backend, mask)
@@ -297,6 +277,6 @@ def adaptive_mask(
             is caught where the protocol is set.
     """
     _check_images(sr_student, sr_teacher, hr)
-    _check_real("margin_db", margin_db)
-    _check_positive_real("data_range", data_range)
+    check_real("margin_db", margin_db)
+    check_real("data_range", data_range, 0.0, least_inclusive=False)
     return mask_from_mse(patch_mse(sr_student, sr_teacher, hr, backend=backend), margin_db)

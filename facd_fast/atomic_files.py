@@ -48,8 +48,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     except BaseException as error:
         if temporary is not None:
             Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError) and str(path) not in str(error):
-            raise type(error)(error.errno, f"cannot write {path}: {error.strerror or error}") from error
+        if isinstance(error, OSError):  # named by the target, never by the temporary file's name
+            what = "it is a folder" if path.is_dir() else (error.strerror or str(error))
+            raise type(error)(error.errno, f"cannot write {path}: {what}") from error
         raise
     return path
 

@@ -1,6 +1,6 @@
 """What every FACD path shares: compute dtype, the norm floor, the O(B) ratio, mask and reduction, the mask rule.
 
-The spec's definition (docs/loss.md, spec sections 3 and 4) split where the
+The definition (docs/loss.md, "One tap" and "Adaptive mask") split where the
 work splits: the per-patch distances and errors come from an op kernel
 (:mod:`facd_fast.ops`) or from the oracle (:mod:`facd_fast.reference`); what
 follows them, O(B) work on (B,) vectors, is written once here and used by
@@ -68,7 +68,7 @@ def psnr_gap(mse: Tensor) -> Tensor:
 
 
 def mask_from_mse(mse: Tensor, margin_db: float) -> Tensor:
-    """The adaptive mask (spec section 4): bool (B,), PSNR(teacher) - PSNR(student) > margin_db.
+    """The adaptive mask (docs/loss.md, "Adaptive mask"): bool (B,), PSNR(teacher) - PSNR(student) > margin_db.
 
     mse: (B, 2), the student's and the teacher's per-patch MSE. A perfect
     teacher on an imperfect student teaches; two perfect outputs do not

@@ -1,4 +1,4 @@
-"""PSNR and SSIM on the Y channel, by the BasicSR protocol with test_y_channel=True (spec section 6).
+"""PSNR and SSIM on the Y channel, by the BasicSR protocol with test_y_channel=True (docs/training.md, "Evaluation").
 
 An image is clamped to [0, 1] and quantised to uint8 (round half to even, as
 numpy and torch round), ``crop_border`` pixels are cut from each edge, and

@@ -1,6 +1,6 @@
 """The FACD loss and adaptive mask in plain PyTorch: the oracle.
 
-A direct transcription of ``docs/loss.md`` (spec sections 3 and 4). It is
+A direct transcription of ``docs/loss.md`` ("One tap" and "Adaptive mask"). It is
 written to be read, not to be fast: the in-batch negatives materialise a
 (B, B, C, H, W) tensor of pairwise differences. Every op kernel is tested
 against these functions, and ``backend="reference"`` runs them; what comes
@@ -87,7 +87,7 @@ def contrastive_loss(
     eps: float = 1e-6,
     reduction: str = "mean",
 ) -> Tensor:
-    """Feature-domain contrastive loss of one tap (spec section 3).
+    """Feature-domain contrastive loss of one tap (docs/loss.md, "One tap").
 
     student: (B, C, H, W) float, already passed through DR; teacher: (B, C, H, W);
     negatives: (B, K, C, H, W) or None for in-batch negatives; mask: (B,) of 0/1.
@@ -124,7 +124,7 @@ def adaptive_mask(
     margin_db: float = 0.0,
     data_range: float = 1.0,
 ) -> Tensor:
-    """Per-patch distillation mask (spec section 4): bool (B,), True where the teacher wins.
+    """Per-patch distillation mask (docs/loss.md, "Adaptive mask"): bool (B,), True where the teacher wins.
 
     sr_student, sr_teacher, hr: (B, 3, H, W) in [0, data_range] (the PSNR gap
     does not depend on data_range).

@@ -8,7 +8,7 @@ import torch
 from facd_fast import data, metrics, models
 from facd_fast.cli import main
 from facd_fast.train.training_state import load_training_state
-from train_fixtures import run_facd, tiny_config, write_images
+from train_fixtures import run_facd, tiny_config
 
 
 
@@ -107,7 +107,7 @@ def test_checkpoint_of_the_wrong_architecture_is_a_one_line_error(trained_run, c
     export = trained_run["run"] / "facd.pth"
     assert main(["eval", str(export), "--hr-dir", str(val_dir), "--scale", "2", "--model", "rcan-student"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"facd: error: checkpoint {export}: the checkpoint does not fit RCAN") and "missing" in err
+    assert err.startswith(f"facd: error: checkpoint {export} does not fit RCAN") and "missing" in err
     assert main(["eval", str(export), "--hr-dir", str(val_dir), "--scale", "4"]) == 2
     assert "scale" in capsys.readouterr().err
 
@@ -117,7 +117,10 @@ def test_teacher_of_the_wrong_architecture_stops_distillation(trained_run, tmp_p
     models.save_checkpoint_basicsr(models.build("rcan-student", 4), wrong)
     assert main(["distill", str(trained_run["config"]), "--set", f"model.teacher_checkpoint={wrong}",
                  "--set", f"run.out_dir={tmp_path / 'run'}"]) == 2
-    assert f"facd: error: checkpoint {wrong} does not fit EDSR: missing keys" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"facd: error: model.teacher_checkpoint {str(wrong)!r} does not fit model.teacher = "
+                          f"'edsr-demo-teacher' at model.scale = 2")
+    assert f"checkpoint {wrong} does not fit EDSR: missing keys" in err
 
 
 def test_python_dash_m_runs_the_same_command():
@@ -149,16 +152,14 @@ def test_bf16_channels_last_distillation_runs_every_baseline(trained_run, method
 
 
 def test_bench_runs_the_kernel_benchmark_then_the_training_step(monkeypatch, tmp_path):
-    import csv
-
     from facd_fast.bench import kernels, train_step
 
     calls = []
-    monkeypatch.setattr(kernels, "run", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setitem(train_step.CASES, "small", [train_step.StepCase("tiny", "edsr-demo-student",
-                                                                         "edsr-demo-teacher", 2, 2, 6)])
-    assert main(["bench", "--out", str(tmp_path), "--steps", "1", "--device", "cpu"]) == 0
-    assert calls == [{"out_dir": str(tmp_path), "device": "cpu"}]
-    rows = list(csv.DictReader((tmp_path / "train_step.csv").open()))
-    assert [(r["case"], r["backend"]) for r in rows] == [("tiny", "auto"), ("tiny", "reference")]
-    assert all(float(r["steps_per_s"]) > 0 for r in rows)
+    monkeypatch.setattr(kernels, "run", lambda **kwargs: calls.append(("kernels", kwargs)))
+    monkeypatch.setattr(train_step, "run", lambda **kwargs: calls.append(("train_step", kwargs)))
+    assert main(["bench", "--out", str(tmp_path), "--steps", "1", "--rounds", "2", "--device", "cpu",
+                 "--variant", "bf16=train.amp=bf16", "--methods", "none,facd", "--set", "train.batch_size=4"]) == 0
+    assert calls[0] == ("kernels", {"out_dir": str(tmp_path), "device": "cpu"})
+    assert calls[1] == ("train_step", {"out_dir": str(tmp_path), "setting": None, "methods": ["none", "facd"],
+                                       "variants": {"bf16": ["train.amp=bf16"]}, "steps": 1, "rounds": 2,
+                                       "device": "cpu", "sets": ["train.batch_size=4"]})

@@ -89,8 +89,8 @@ def test_a_bad_step_changes_no_weight_and_training_goes_on(first_run, tmp_path, 
     trainer = Trainer(config, mode="distill")
     forward = DistillationObjective.forward
 
-    def nan_feature_at_step_2(self, *args, return_parts=False):
-        loss, terms, parts = forward(self, *args, return_parts=True)
+    def nan_feature_at_step_2(self, *args, return_parts=False, **kwargs):
+        loss, terms, parts = forward(self, *args, return_parts=True, **kwargs)
         if trainer.step == 1:  # the second step (trainer.step counts steps done)
             terms["feature"] = terms["feature"] * float("nan")
             loss = loss + terms["feature"]
@@ -101,7 +101,7 @@ def test_a_bad_step_changes_no_weight_and_training_goes_on(first_run, tmp_path, 
     original_step = trainer.train_step
 
     def recording_step(lr, hr, **kwargs):
-        before[trainer.step] = {k: v.clone() for k, v in trainer.student_with_adapters.state_dict().items()}
+        before[trainer.step] = {k: v.clone() for k, v in trainer.model.trainable.state_dict().items()}
         return original_step(lr, hr, **kwargs)
 
     trainer.train_step = recording_step
@@ -111,7 +111,9 @@ def test_a_bad_step_changes_no_weight_and_training_goes_on(first_run, tmp_path, 
     for key, value in before[1].items():
         assert torch.equal(value, after_bad[key]), key  # step 2 (index 1 -> 2) changed nothing
     assert any(not torch.equal(before[2][k], before[3][k]) for k in before[2])  # step 3 trained again
-    assert trainer._postfix({"loss": 0.1})["skipped"] == "1"
+    from facd_fast.train.run_log import progress_postfix
+
+    assert progress_postfix({"loss": 0.1}, trainer.guard.skipped_steps, float("nan"))["skipped"] == "1"
     skips = [json.loads(t) for t in trainer.log.path.read_text().splitlines() if '"skip"' in t]
     assert [(r["step"], r["problem"]) for r in skips] == [(2, "the feature term is nan")]
 

@@ -86,7 +86,7 @@ def test_configs_lists_each_shipped_config_and_prints_one(capsys):
     assert main(["configs"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[: len(SHIPPED)]] == list(SHIPPED)
-    assert lines[SHIPPED.index("edsr_x4")].endswith("FACD paper setting, EDSR x4 (spec sections 2 and 5).")
+    assert lines[SHIPPED.index("edsr_x4")].endswith("FACD paper setting, EDSR x4 (networks: docs/models.md; objective: docs/loss.md).")
     assert main(["configs", "edsr_x4"]) == 0
     assert capsys.readouterr().out == resources.shipped_configs()["edsr_x4"].read_text()
     assert main(["configs", "edsr_x9"]) == 2

@@ -13,7 +13,7 @@ import torch
 
 from facd_fast.train.config import ConfigError, load_config
 from facd_fast.train.study import build_grid, parse_sweep, split_values, study_tables
-from facd_fast.train.study_stats import paired_difference, summarize, t_quantile, verdict
+from facd_fast.train.study.stats import paired_difference, summarize, t_quantile, verdict
 from facd_fast.train.trainer import Trainer
 
 from train_fixtures import REPO_ROOT, facd_command, subprocess_env, tiny_config
@@ -100,7 +100,7 @@ def test_runs_with_one_seed_start_alike_and_see_the_same_patches(tmp_path):
         trainer = Trainer(config, mode="distill")
         batches = trainer._batches()
         firsts[method] = (trainer.student.state_dict(), [next(batches) for _ in range(2)],
-                          trainer.student_with_adapters.adapters)
+                          trainer.model.trainable.adapters)
     reference_weights, reference_batches, _ = firsts["none"]
     for method, (weights, batches, _) in firsts.items():
         assert weights.keys() == reference_weights.keys()
@@ -207,6 +207,13 @@ def test_term_gradient_norms_by_hand():
     assert values["cos_output_pixel"] == pytest.approx(1.0)
     assert values["cos_feature_pixel"] == pytest.approx(0.0, abs=1e-7)
     assert w.grad is None  # nothing accumulated into .grad
+    # After the step's own backward (graph kept), the first part's gradient is the total minus the others'.
+    sum(parts.values()).backward(retain_graph=True)
+    derived = term_gradient_norms(parts, [w, v], total=[w.grad, v.grad])
+    assert derived == pytest.approx(values)
+    # a loss of one part needs no pass at all: its gradient is the total
+    w.grad = None
+    assert term_gradient_norms({"pixel": parts["pixel"]}, [w], total=[torch.tensor([3.0, 4.0])]) == {"grad_pixel": 5.0}
 
 
 def test_objective_parts_sum_to_the_loss():
@@ -247,25 +254,6 @@ def test_trainer_logs_gradient_norms_on_log_steps_and_warms_lambda_up(tmp_path):
     Trainer(quiet, mode="distill").fit()
     records = [_json.loads(line) for line in (tmp_path / "quiet" / "none" / "log.jsonl").read_text().splitlines()]
     assert all("grad_pixel" not in r and "lambda" not in r for r in records)
-
-
-def test_a_run_folder_keeps_its_config(tmp_path):
-    import shutil
-
-    from facd_fast.train.study import Run, _prepare
-
-    config = tiny_config(tmp_path)
-    run = Run("facd", 0, {}, ["distill.lambda=0.1", "distill.method=facd", "run.seed=0"])
-    _prepare(run, tmp_path / "s", str(config), {})
-    copy = tmp_path / "elsewhere.toml"
-    shutil.copy(config, copy)
-    _prepare(run, tmp_path / "s", str(copy), {})  # the same file content elsewhere: the same run
-    other = Run("facd", 0, {}, ["distill.lambda=0.2", "distill.method=facd", "run.seed=0"])
-    with pytest.raises(ConfigError, match="holds a run of another config"):
-        _prepare(other, tmp_path / "s", str(config), {})
-    copy.write_text(config.read_text() + "\n# edited\n")
-    with pytest.raises(ConfigError, match="holds a run of another config"):
-        _prepare(run, tmp_path / "s", str(copy), {})
 
 
 @pytest.mark.slow

@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from facd_fast import reference
+from facd_fast.train.config import load_config
 from facd_fast.train.ema import ModelEMA
 from facd_fast.train.feature_losses import affinity_distance, feature_distance, spatial_affinity
 from facd_fast.train.objective import DistillationObjective, mask_enabled
+from facd_fast.train.trainer import Trainer
 from facd_fast.train.training_state import atomic_torch_save, load_training_state
 from train_fixtures import REPO_ROOT, facd_command, run_facd, subprocess_env, tiny_config
 
@@ -223,12 +225,42 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     assert len(ends) == 1 and ends[0]["steps"] == 6 and ends[0]["replica_max_abs_diff"] == 0.0
 
 
-def test_step_benchmark_times_a_step_and_the_loss_share():
-    from facd_fast.bench.train_step import FIELDS, StepCase, benchmark_case
+def test_step_breakdown_times_each_phase_of_real_steps(tmp_path):
+    import csv
 
-    case = StepCase("tiny", "edsr-demo-student", "edsr-demo-teacher", 2, 2, 6)
-    row = benchmark_case(case, "reference", steps=1, device=torch.device("cpu"), amp="off")
-    assert set(row) == set(FIELDS)
-    assert row["resolved_backend"] == "reference"
-    assert row["step_ms_p50"] > 0 and row["loss_ms_p50"] > 0
-    assert 0 < row["loss_share"] < 1
+    from facd_fast.bench import train_step
+
+    rows = train_step.run(out_dir=tmp_path, setting="demo", methods=("none", "facd"), steps=2, rounds=1,
+                          device="cpu", sets=["train.batch_size=2", "data.patch_size=16", "train.log_every=2"])
+    cases = {(r["method"], r["variant"]) for r in rows}
+    assert cases == {("none", "default"), ("facd", "default"), ("none", "fp32"), ("facd", "fp32")}
+    by_case = {}
+    for row in rows:
+        by_case.setdefault((row["method"], row["variant"]), {})[row["phase"]] = row
+    for (method, variant), phases in by_case.items():
+        assert {"data", "student", "term:pixel", "backward", "guard", "optimizer", "ema", "other"} <= set(phases)
+        assert ("teacher" in phases) == (method == "facd") and ("term:facd" in phases) == (method == "facd")
+        first = next(iter(phases.values()))
+        # the phases and "other" add up to the mean step; "other" is never negative
+        total = sum(float(r["ms_per_step"]) for r in phases.values())
+        assert total == pytest.approx(first["step_ms_mean"], rel=0.02) and phases["other"]["ms_per_step"] >= 0
+        assert first["steps"] == 2 and first["cpu"] and first["load_before"] == first["load_before"]
+    assert by_case[("facd", "fp32")]["teacher"]["teacher_precision"] == "fp32"
+    assert by_case[("facd", "fp32")]["teacher"]["amp"] == "off"
+    written = list(csv.DictReader((tmp_path / "train_step.csv").open()))
+    assert len(written) == len(rows) and (tmp_path / "train_step.png").stat().st_size > 0
+
+
+def test_a_reduced_precision_teacher_serves_the_whole_run_plots_included(tmp_path):
+    """The teacher is stored in its precision (bf16 weights): everything that runs it goes through
+    Distiller.teacher_forward, the end-of-run comparison plot too."""
+    config = load_config(tiny_config(tmp_path), ["distill.teacher_precision=bf16", "train.plots=true",
+                                                 "train.iterations=2", f"run.out_dir={tmp_path / 'run'}"])
+    trainer = Trainer(config, mode="distill")
+    assert trainer.model.teacher_precision == "bf16" and trainer.teacher.conv_first.weight.dtype == torch.bfloat16
+    assert trainer.teacher.conv_last.weight.dtype == torch.float32  # the output layer stays float32
+    summary = trainer.fit()
+    assert (tmp_path / "run" / "facd" / "comparison.png").stat().st_size > 0 and len(summary["plots"]) == 2
+    setup = [json.loads(line) for line in (tmp_path / "run" / "facd" / "log.jsonl").read_text().splitlines()][0]
+    assert setup["kind"] == "setup" and setup["teacher_precision"] == "bf16"
+    assert abs(setup["teacher_psnr_drop_db"]) < 0.1

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Build outputs and local state of a checkout: not sources, never copied into the build.
-NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "datasets", "*.egg-info", "__pycache__",
+NOT_SOURCES = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "runs", "datasets", "*.egg-info", "__pycache__",
                                      "*.so", ".pytest_cache", ".benchmarks")
 SHIPPED_CONFIGS = ("demo", "demo-teacher", "edsr_x2", "edsr_x3", "edsr_x4", "rcan_x2", "rcan_x3", "rcan_x4")
 DEMO_TEACHER = "facd_fast/checkpoints/edsr-demo-teacher-x2.pth"

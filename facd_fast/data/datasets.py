@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import numbers
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..checks import check_int
 from ..metrics import min_eval_size
 from .images import (ImageReadError, bicubic_lr, crop_to_multiple, file_digest, find_lr_file, image_size,
                      list_images, png_text, read_rgb, read_rgb_or_warn, to_tensor, write_png)
@@ -24,15 +24,6 @@ IN_MEMORY_LIMIT_BYTES = 2 << 30
 # decoding or the bicubic change what an LR file holds).
 LR_CACHE_VERSION = "facd-lr-bicubic-2"
 LR_CACHE_KEY = "facd_lr_source"
-
-
-def check_int(name: str, value, minimum: int) -> int:
-    """``value`` as an int >= ``minimum``; TypeError for bools and non-integers, ValueError below it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_lr_shape(lr: np.ndarray, hr: np.ndarray, scale: int, lr_path: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from ..data.datasets import check_int
+from ..checks import check_int
 
 Forward = Callable[[Tensor], Tensor]
 
@@ -156,4 +156,6 @@ def super_resolve(network: nn.Module, lr: Tensor, *, tile: Optional[int] = None,
     if tile is None:
         return forward(lr)
     overlap = receptive_radius(network) if tile_overlap is None else tile_overlap
-    return tiled_forward(forward, lr, network.scale, tile, overlap, batch)
+    from ..models import network_scale
+
+    return tiled_forward(forward, lr, network_scale(network), tile, overlap, batch)

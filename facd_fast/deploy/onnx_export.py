@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..data import images, read_builtin_photo
-from ..models.checkpoints import METADATA_KEY
+from ..models.checkpoints import METADATA_KEY, model_meta
 
 #: fp32 agreement required between ONNX Runtime and the PyTorch forward (outputs on the [0, 1] scale).
 ONNX_TOLERANCE = 1e-4
@@ -110,8 +110,7 @@ def export_onnx(network: nn.Module, path: str | Path, *, check_inputs: Optional[
                                         verbose=False)
     finally:
         registration_log.setLevel(level)
-    program.model.metadata_props[METADATA_KEY] = json.dumps(
-        {"arch": network.arch, "config": network.config(), "scale": network.scale})
+    program.model.metadata_props[METADATA_KEY] = json.dumps(model_meta(network))
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
     os.close(handle)

@@ -12,13 +12,13 @@ margins, alpha in [0, 1], an existing device, preset and backend);
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional
 
+from ..checks import check_int, check_real, check_scale
 from ..resources import config_path
+from .config_toml import dump_config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,18 +27,12 @@ else:  # pragma: no cover - Python 3.10
 
 Config = Dict[str, Dict[str, Any]]
 
-#: distill.method -> (feature term, distance fixed by the method's name). The feature
-#: terms: "none" (no distillation), "fd" (FitNet-style, L1 or L2 as named), "fakd"
-#: (affinity, no distance) and "facd" (contrastive, its distance from distill.distance).
-METHOD_TERMS: Dict[str, Tuple[str, Optional[str]]] = {
-    "none": ("none", None),
-    "fd-l1": ("fd", "l1"),
-    "fd-l2": ("fd", "l2"),
-    "fakd": ("fakd", None),
-    "facd": ("facd", None),
-    "facd-nomask": ("facd", None),
-}
-METHODS = tuple(METHOD_TERMS)
+__all__ = ["DEFAULTS", "METHODS", "Config", "ConfigError", "ConfigTypeError", "check_device", "dump_config",
+           "load_config", "method_distance", "parse_override", "validate_config"]
+
+#: distill.method, the shorthand for a set of loss terms (facd_fast.train.objective.method_weights): the
+#: student alone ("none"), or the name of the registered feature term it adds (facd_fast.train.terms).
+METHODS = ("none", "fd-l1", "fd-l2", "fakd", "facd", "facd-nomask")
 
 DEFAULTS: Config = {
     "run": {
@@ -54,10 +48,19 @@ DEFAULTS: Config = {
         "threads": 0,
     },
     "model": {
-        # Presets of facd_fast.models.build.
+        # A preset of facd_fast.models.build, or a network of your own, "package.module:function",
+        # called as function(scale=model.scale, **<student|teacher>_kwargs) (facd_fast.models.build_network).
         "student": "edsr-student",
         "teacher": "edsr-teacher",
-        # The frozen teacher's weights (any layout facd_fast.models.load_pretrained reads); required to distil.
+        # Keyword arguments for the factory, or constructor overrides of a preset (num_block, num_feat, ...).
+        "student_kwargs": {},
+        "teacher_kwargs": {},
+        # The feature taps: module names as named_modules() gives them (facd_fast.FeatureTaps); empty: a
+        # preset's own taps (docs/models.md, "Feature taps"). A network of your own needs them for the feature terms.
+        "student_taps": [],
+        "teacher_taps": [],
+        # The frozen teacher's weights (a state dict of the teacher, or any layout facd_fast.models.load_pretrained
+        # reads for the presets); required to distil.
         "teacher_checkpoint": "",
         "scale": 4,
     },
@@ -124,13 +127,20 @@ DEFAULTS: Config = {
         # for fd-l1/fd-l2/fakd (facd-nomask is always unmasked, none has nothing to gate).
         "use_mask": "auto",
         "margin_db": 0.0,
-        # The feature distance (spec section 3): "auto" is l1 for facd/facd-nomask and the named
+        # The feature distance (docs/loss.md, "One tap"): "auto" is l1 for facd/facd-nomask and the named
         # one for fd-l1/fd-l2; "l1"/"l2" set FACD's, and contradicting fd-l1/fd-l2 is an error.
         # none and fakd have no feature distance. normalize is the feature normalisation.
         "distance": "auto",
         "normalize": "channel",
         # Loss backend: "auto", "reference" or a fused backend name.
         "backend": "auto",
+        # More loss terms, or other weights for the method's own ({"name" = weight}; 0 removes a term): a
+        # registered term (facd_fast.train.terms), or "package.module:function" whose import registers it.
+        "terms": {},
+        # The frozen teacher's precision, apart from the student's train.amp: "auto" is bf16 where the
+        # device computes it natively (CUDA with bf16, CPUs with AMX or AVX512-BF16) and the teacher's
+        # validation Y-PSNR stays within 0.02 dB of fp32's, else fp32 (facd_fast.train.precision).
+        "teacher_precision": "auto",
     },
 }
 
@@ -142,11 +152,16 @@ _CHOICES = {
     ("train", "amp"): ("auto", "bf16", "off"),
     ("distill", "distance"): ("auto", "l1", "l2"),
     ("distill", "normalize"): ("channel", "none"),
+    ("distill", "teacher_precision"): ("auto", "fp32", "bf16", "fp16"),
 }
 
 
 class ConfigError(ValueError):
-    """A config file or override is malformed, names an unknown key or has a wrong-typed value."""
+    """A config file or override is malformed, names an unknown key or has a value out of range."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A config value of the wrong type (a ConfigError, and a TypeError as every wrong type is)."""
 
 
 def method_distance(method: str, distance: str) -> Optional[str]:
@@ -154,21 +169,23 @@ def method_distance(method: str, distance: str) -> Optional[str]:
 
     fd-l1 and fd-l2 name their distance: "auto" or the same name is accepted, the
     other one raises (it would otherwise be ignored). facd and facd-nomask take
-    ``distance``, "auto" meaning "l1" (spec section 3's default).
+    ``distance``, "auto" meaning "l1" (docs/loss.md's default).
     """
-    if method not in METHOD_TERMS:
-        raise ConfigError(f"distill.method must be one of {list(METHOD_TERMS)}, got {method!r}")
+    from .terms import TERMS
+
+    if method not in METHODS:
+        raise ConfigError(f"distill.method must be one of {list(METHODS)}, got {method!r}")
     if distance not in _CHOICES[("distill", "distance")]:
         raise ConfigError(f"distill.distance must be one of {list(_CHOICES[('distill', 'distance')])}, got {distance!r}")
-    term, named = METHOD_TERMS[method]
-    if named is not None:
-        if distance not in ("auto", named):
+    term = TERMS.get(method)
+    if term is not None and term.distance is not None:
+        if distance not in ("auto", term.distance):
             raise ConfigError(
                 f"distill.distance = {distance!r} contradicts distill.method = {method!r}, whose name fixes "
-                f"the distance to {named!r}; use method fd-{distance}, or distance \"auto\""
+                f"the distance to {term.distance!r}; use method fd-{distance}, or distance \"auto\""
             )
-        return named
-    if term == "facd":
+        return term.distance
+    if term is not None and term.takes_distance:
         return "l1" if distance == "auto" else distance
     return None
 
@@ -180,8 +197,8 @@ def _check_value(section: str, key: str, value: Any) -> Any:
         value = float(value)
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
         names = " or ".join(t.__name__ for t in allowed)
-        raise ConfigError(f"{section}.{key} must be of type {names}, got {value!r} ({type(value).__name__})")
-    if isinstance(default, list):
+        raise ConfigTypeError(f"{section}.{key} must be of type {names}, got {value!r} ({type(value).__name__})")
+    if isinstance(default, list) and default:
         value = [float(v) if isinstance(default[0], float) and isinstance(v, int) else v for v in value]
     choices = _CHOICES.get((section, key))
     if choices is not None and value not in choices:
@@ -270,23 +287,17 @@ _FLOAT_RANGES = {
 }
 
 
-def _range_text(low, high, low_in: bool = True, high_in: bool = True) -> str:
-    if high is None:
-        return f"{'>=' if low_in else '>'} {low}"
-    if low is None:
-        return f"{'<=' if high_in else '<'} {high}"
-    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
-
-
 def _check_number(name: str, value, low, high, low_in: bool = True, high_in: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    below = low is not None and (value < low or (value == low and not low_in))
-    above = high is not None and (value > high or (value == high and not high_in))
-    if below or above:
-        raise ConfigError(f"{name} must be {_range_text(low, high, low_in, high_in)}, got {value!r}")
+    """:func:`facd_fast.checks.check_real` (or ``check_int`` for an int key's bounds), its errors as config errors."""
+    try:
+        if isinstance(low, int) and not isinstance(low, bool) and (high is None or isinstance(high, int)):
+            check_int(name, value, low, high)
+        else:
+            check_real(name, value, low, high, least_inclusive=low_in, greatest_inclusive=high_in)
+    except TypeError as error:
+        raise ConfigTypeError(str(error)) from None
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def check_device(name: str, value: str) -> None:
@@ -318,8 +329,7 @@ def validate_config(config: Config, mode: str | None = None) -> None:
     ``mode`` ("teacher" or "distill") adds the checks that depend on what is trained.
     """
     from ..api import BACKENDS
-    from ..models import PRESETS
-    from ..models.network import _check_scale
+    from ..models import PRESETS, is_factory_spec
 
     for section, values in DEFAULTS.items():
         if section not in config:
@@ -337,12 +347,19 @@ def validate_config(config: Config, mode: str | None = None) -> None:
         raise ConfigError("run.out_dir must name a folder, got an empty string")
     check_device("run.device", run["device"])
     for key in ("student", "teacher"):
-        if model[key] not in PRESETS:
-            raise ConfigError(f"model.{key} must be a preset of {sorted(PRESETS)}, got {model[key]!r}")
+        if model[key] not in PRESETS and not is_factory_spec(model[key]):
+            raise ConfigError(f"model.{key} must be a preset of {sorted(PRESETS)} or a network of your own, "
+                              f"\"package.module:function\", got {model[key]!r}")
+        for index, name in enumerate(model[f"{key}_taps"]):
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"model.{key}_taps[{index}] must be a module name (a non-empty string), got {name!r}")
+        for name in model[f"{key}_kwargs"]:
+            if not name.isidentifier():
+                raise ConfigError(f"model.{key}_kwargs: {name!r} is not a keyword argument name")
     try:
-        scale = _check_scale(model["scale"])
+        scale = check_scale("model.scale", model["scale"])
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"model.{error}") from None
+        raise ConfigError(str(error)) from None
     if data["patch_size"] % scale:
         raise ConfigError(f"data.patch_size must be a multiple of model.scale = {scale}, got {data['patch_size']}")
     if data["val_crop"] and data["val_crop"] <= 2 * scale:
@@ -362,26 +379,7 @@ def validate_config(config: Config, mode: str | None = None) -> None:
         raise ConfigError(f"train.batch_size must be >= 2 for distill.method = {distill['method']!r} "
                           f"(the other patches of the batch are the negatives), got {train['batch_size']}")
     method_distance(distill["method"], distill["distance"])
+    for name, weight in distill["terms"].items():
+        _check_number(f"distill.terms.{name}", weight, 0.0, None)
     if distill["backend"] not in BACKENDS:
         raise ConfigError(f"distill.backend must be one of {list(BACKENDS)}, got {distill['backend']!r}")
-
-
-def dump_config(config: Config) -> str:
-    """The config as TOML text (the subset of TOML the values need), written beside every run."""
-    lines = []
-    for section, values in config.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)

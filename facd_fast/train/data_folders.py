@@ -20,8 +20,10 @@ def resolve_data_dirs(config: Config) -> Tuple[str, str]:
 
 
 def check_folder(name: str, path: str) -> None:
-    """Raise, naming the config key ``name``, when ``path`` is unset or not a folder."""
+    """Raise, naming the setting ``name`` (a config key or an option), when ``path`` is unset or not a folder."""
     if not path:
         raise ConfigError(f"{name} is not set: give a folder of images or \"builtin\"")
+    if Path(path).is_file():
+        raise NotADirectoryError(f"{name}: {str(path)!r} is a file; give the folder that holds the images")
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"{name}: folder {path!r} does not exist")
+        raise FileNotFoundError(f"{name}: folder {str(path)!r} does not exist")

@@ -25,12 +25,14 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        current = model.state_dict()
-        for name, shadow in self.shadow.state_dict().items():
-            if shadow.is_floating_point():
-                shadow.lerp_(current[name].detach(), 1.0 - self.decay)
-            else:
-                shadow.copy_(current[name])
+        shadows = [*self.shadow.parameters(), *self.shadow.buffers()]
+        currents = [*model.parameters(), *model.buffers()]
+        floating = [(s, c.detach()) for s, c in zip(shadows, currents) if s.is_floating_point()]
+        if floating:
+            torch._foreach_lerp_([s for s, _ in floating], [c for _, c in floating], 1.0 - self.decay)
+        for shadow, current in zip(shadows, currents):
+            if not shadow.is_floating_point():
+                shadow.copy_(current)
 
     def state_dict(self) -> dict:
         return self.shadow.state_dict()

@@ -1,4 +1,4 @@
-"""``facd eval``: Y-PSNR / SSIM of a model on a benchmark folder, by the protocol of spec section 6."""
+"""``facd eval``: Y-PSNR / SSIM of a model on a benchmark folder, by the protocol of docs/training.md, "Evaluation"."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +11,7 @@ from .. import data as sr_data
 from .. import metrics, models
 from ..deploy import receptive_radius, super_resolve
 from ..resources import resolve_path
+from .data_folders import check_folder
 from .training_state import TRAINING_STATE_KEY
 
 
@@ -18,7 +19,8 @@ def load_model(path: str | Path, *, preset: Optional[str] = None, scale: Optiona
     """The network in ``path``: an exported model (ours or foreign) or a trainer checkpoint (its trained network).
 
     The architecture comes from the file (recorded by us, or inferred from a
-    foreign file's key names and shapes), or from ``preset``; a file whose
+    foreign file's key names and shapes), or from ``preset`` (a preset name, or "package.module:function"
+    called with scale= and the kwargs the file records); a file whose
     weights do not fit raises with the missing and unexpected keys; a missing,
     empty, truncated or foreign file, or weights holding NaN/Inf, raise naming
     the file. ``ema`` picks a trainer checkpoint's EMA weights. ``package:REL`` names a file shipped in
@@ -35,9 +37,28 @@ def load_model(path: str | Path, *, preset: Optional[str] = None, scale: Optiona
     elif ema:
         raise ValueError(f"--ema needs a trainer checkpoint, {str(path)!r} is a model file")
     try:
-        return models.model_from_checkpoint(state, preset=preset, scale=scale)
+        return models.model_from_checkpoint(state, preset=preset, scale=scale, source=f"checkpoint {path}")
     except ValueError as error:
+        if str(path) in str(error):
+            raise
         raise ValueError(f"checkpoint {path}: {error}") from error
+
+
+#: The version of the protocol :func:`evaluate` follows. Bump it when evaluate() or the metrics it calls
+#: give other numbers for the same network and images: results recorded under another version
+#: (``facd study``'s result.json) are then computed again instead of reused.
+PROTOCOL_VERSION = 1
+
+
+def evaluation_protocol(scale: int, *, self_ensemble: bool = False, tile: Optional[int] = None,
+                        tile_overlap: Optional[int] = None) -> Dict[str, Any]:
+    """What :func:`evaluate`'s numbers depend on besides the network and the images, as a JSON-able dict.
+
+    ``{"version", "scale", "crop_border", "channel", "self_ensemble", "tile", "tile_overlap"}``: the border
+    cropped before scoring is ``scale`` pixels and the channel scored is Y, as :func:`evaluate` does.
+    """
+    return {"version": PROTOCOL_VERSION, "scale": scale, "crop_border": scale, "channel": "y",
+            "self_ensemble": self_ensemble, "tile": tile, "tile_overlap": tile_overlap}
 
 
 @torch.no_grad()
@@ -99,8 +120,7 @@ def evaluate(
 def open_benchmark(hr_dir: str | Path, scale: int, lr_dir: Optional[str | Path] = None, *,
                    skip_unreadable: bool = False):
     """A :class:`facd_fast.data.BenchmarkFolder`, with a clear error when the folder is missing."""
-    if not Path(hr_dir).is_dir():
-        raise FileNotFoundError(f"--hr-dir: folder {str(hr_dir)!r} does not exist")
-    if lr_dir is not None and not Path(lr_dir).is_dir():
-        raise FileNotFoundError(f"--lr-dir: folder {str(lr_dir)!r} does not exist")
+    check_folder("--hr-dir", str(hr_dir))
+    if lr_dir is not None:
+        check_folder("--lr-dir", str(lr_dir))
     return sr_data.BenchmarkFolder(hr_dir, scale, lr_dir=lr_dir, skip_unreadable=skip_unreadable)

@@ -1,4 +1,4 @@
-"""The feature-distillation terms of the baselines (spec section 5), beside FACD's :class:`facd_fast.FACDLoss`.
+"""The feature-distillation terms of the baselines (docs/loss.md, "The training objective"), beside FACD's :class:`facd_fast.FACDLoss`.
 
 Every term takes one tap's student and teacher features and returns the
 per-patch loss (B,) in float32 (float64 for float64 features), so that the
@@ -18,7 +18,7 @@ def _accumulation_dtype(x: Tensor) -> torch.dtype:
 def feature_distance(student: Tensor, teacher: Tensor, distance: str, normalize: str = "channel") -> Tensor:
     """FitNet-style FD: mean over C*H*W of |phi(s) - phi(t)| ("l1") or (phi(s) - phi(t))^2 ("l2").
 
-    phi is FACD's feature normalisation (spec section 3): "channel" divides
+    phi is FACD's feature normalisation (docs/loss.md, "One tap"): "channel" divides
     each position's C-vector by max(||v||_2, 1e-6), "none" is the identity
     (raw FitNet). With "channel", FD is exactly FACD's positive distance
     d_pos without the contrastive denominator, so FD vs FACD isolates the

@@ -1,27 +1,31 @@
-"""The training objective of spec section 5 and its baselines, in one module.
+"""The training objective of docs/loss.md, "The training objective": a weighted sum of named terms (:mod:`facd_fast.train.terms`).
 
-L = (1 - alpha) * L1(sr_s, hr) + alpha * mean_i(m_i * L1_i(sr_s, sr_t)) + lambda * sum_j w_j * D_j
+    L = (1 - alpha) * pixel + alpha * output + lambda * <the method's feature term> [+ sum_k v_k * extra_k]
 
-with D_j the feature term of the method: FACD (contrastive, :class:`facd_fast.FACDLoss`),
-FitNet-style FD (L1 or L2 between DR(s_j) and t_j, after the same
-feature normalisation as FACD) or FAKD (L1 between spatial
-affinity matrices). m is the adaptive mask when the method uses it, else 1.
+``distill.method`` is the shorthand for the first three: "none" is the pixel
+term alone; "fd-l1", "fd-l2", "fakd", "facd" and "facd-nomask" name the
+feature term (which sums its taps with ``distill.tap_weights``).
+``distill.terms`` adds terms, or changes a term's weight (0 removes it), by
+name: a registered term, or ``"package.module:attr"`` whose import registers it.
+The adaptive mask, when the run uses it, gates every maskable term (the output
+and feature terms; "facd-nomask" is never gated).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import contextlib
+import importlib
+from typing import Callable, ContextManager, Dict, List, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import api
-from ..module import FACDLoss
-from .config import METHOD_TERMS, method_distance
-from .feature_losses import affinity_distance, feature_distance, per_patch_l1
+from ..definition import mask_from_mse, psnr_gap
+from .config import ConfigError, method_distance
+from .terms import GROUPS, TERMS, TermInputs, TermSettings, masked_mean
 
-#: Methods whose feature term compares DR-adapted student features with the teacher's.
-ADAPTED_METHODS = tuple(method for method, (term, _) in METHOD_TERMS.items() if term in ("fd", "facd"))
+#: The log's name for a term's unweighted value (the method's own feature term logs as "feature").
+LOG_KEYS = {"pixel": "l1_hr", "output": "l1_teacher"}
 
 
 def mask_enabled(method: str, use_mask) -> bool:
@@ -33,23 +37,58 @@ def mask_enabled(method: str, use_mask) -> bool:
     return bool(use_mask)
 
 
+def method_weights(method: str, alpha: float, feature_weight: float) -> Dict[str, float]:
+    """The terms ``distill.method`` stands for, with their weights (in the order they are summed)."""
+    if method == "none":
+        return {"pixel": 1.0}
+    return {"pixel": 1.0 - alpha, "output": alpha, method: feature_weight}
+
+
+def term_class(name: str) -> type:
+    """The registered term ``name``; ``"package.module:attr"`` is imported first (its import registers it)."""
+    if name in TERMS:
+        return TERMS[name]
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ConfigError(f"distill.terms: cannot import {module_name!r} for the term {name!r} "
+                              f"({type(error).__name__}: {error})") from None
+        target = getattr(module, attribute, None)
+        for registered in TERMS.values():
+            if getattr(registered, "registered_from", None) is target:
+                return registered
+        raise ConfigError(f"distill.terms: {name!r} is not a registered loss term; decorate it with "
+                          f"@facd_fast.train.register_term(\"{attribute}\")")
+    raise ConfigError(f"distill.terms: unknown loss term {name!r}; registered terms are {sorted(TERMS)}, or name "
+                      f"one as \"package.module:function\"")
+
+
+def _no_timer(name: str) -> ContextManager:
+    return contextlib.nullcontext()
+
+
 class DistillationObjective(nn.Module):
-    """The loss of one training step.
+    """The loss of one training step: the weighted sum of the terms the method and ``terms`` select.
 
     Args:
         method: one of :data:`facd_fast.train.config.METHODS`.
-        alpha, feature_weight: alpha and lambda of the objective (ignored, i.e. 0, for "none").
+        alpha, feature_weight: alpha and lambda of the objective (unused for "none").
         tap_weights: w_j, one per tap.
-        use_mask: gate both distillation terms per patch by the adaptive mask.
-        margin_db, normalize, backend: FACD's options (spec sections 3-4); normalize applies to FD too.
+        use_mask: gate the maskable terms per patch by the adaptive mask.
+        margin_db, normalize, backend: FACD's options (docs/loss.md); normalize applies to FD too.
         distance: ``distill.distance`` ("auto", "l1", "l2"), resolved by
             :func:`facd_fast.train.config.method_distance` (fd-l1/fd-l2 fix theirs).
+        terms: ``distill.terms``, {term name: weight} added to the method's terms (0 removes one).
 
-    forward(sr_student, student_features, sr_teacher, teacher_features, hr):
-        sr_*, hr: (B, 3, H, W) float; features: lists of (B, C_j, h, w), the
-        student's already through DR for the adapted methods; the teacher
-        arguments may be None for "none". Returns ``(loss, terms)``, loss a
-        float32 scalar and terms detached float32 scalars for the log.
+    forward(sr_student, student_features, sr_teacher, teacher_features, hr, *, adapted_features=None):
+        sr_*, hr: (B, 3, H, W) float; features: lists of (B, C_j, h, w); adapted_features: the
+        student's through DR (default: student_features, e.g. already adapted); the teacher
+        arguments may be None when no term needs them. Returns ``(loss, terms)``, or
+        ``(loss, terms, parts)`` with ``return_parts``: loss a float32 scalar, terms detached
+        scalars for the log, parts the weighted sum of each group ("pixel", "output",
+        "feature") still in the graph, for the gradient diagnostics.
     """
 
     def __init__(
@@ -58,12 +97,13 @@ class DistillationObjective(nn.Module):
         *,
         alpha: float = 0.5,
         feature_weight: float = 1.0,
-        tap_weights: Sequence[float] = (1.0, 1.0, 1.0),
+        tap_weights=(1.0, 1.0, 1.0),
         use_mask: bool = True,
         margin_db: float = 0.0,
         distance: str = "auto",
         normalize: str = "channel",
         backend: str = "auto",
+        terms: Optional[Mapping[str, float]] = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
@@ -72,41 +112,51 @@ class DistillationObjective(nn.Module):
             raise ValueError(f"distill.lambda must be >= 0, got {feature_weight}")
         self.method = method
         self.distance = method_distance(method, distance)  # raises for an unknown method or a contradiction
-        self.feature_term = METHOD_TERMS[method][0]
-        self.alpha = 0.0 if method == "none" else float(alpha)
-        self.feature_weight = 0.0 if method == "none" else float(feature_weight)
-        self.tap_weights = tuple(float(w) for w in tap_weights)
         self.use_mask = use_mask
         self.margin_db = margin_db
         self.backend = backend
-        self.normalize = normalize
-        self.facd = (
-            FACDLoss(
-                self.tap_weights, use_mask=use_mask, margin_db=margin_db,
-                distance=self.distance, normalize=normalize, backend=backend,
-            )
-            if self.feature_term == "facd"
-            else None
-        )
+        self.tap_weights = tuple(float(w) for w in tap_weights)
+        weights = method_weights(method, float(alpha), float(feature_weight))
+        for name, weight in (terms or {}).items():
+            weights[name] = float(weight)
+        settings = TermSettings(self.tap_weights, self.distance or "l1", normalize, margin_db, backend)
+        self.terms = nn.ModuleDict()
+        self.weights: Dict[str, float] = {}
+        self.log_keys: Dict[str, str] = {}
+        for name, weight in weights.items():
+            if weight == 0.0:
+                continue  # a term of weight 0 would only cost time
+            term = term_class(name)(settings)
+            self.terms[term.name] = term
+            self.weights[term.name] = weight
+            self.log_keys[term.name] = LOG_KEYS.get(term.name, "feature" if name == method else term.name)
+        self.feature_factor = 1.0  # distill.lambda_warmup's ramp, set by the trainer before each step
+        self.facd = next((t.facd for t in self.terms.values() if hasattr(t, "facd")), None)
+
+    def _any(self, flag: str) -> bool:
+        return any(getattr(term, flag) for term in self.terms.values())
 
     @property
     def needs_teacher(self) -> bool:
-        return self.method != "none"
+        return self._any("needs_teacher")
 
-    def _mask(self, sr_student: Tensor, sr_teacher: Tensor, hr: Tensor) -> Optional[Tensor]:
-        if not self.use_mask:
-            return None
-        return api.adaptive_mask(sr_student.detach(), sr_teacher, hr, margin_db=self.margin_db, backend=self.backend)
+    @property
+    def needs_features(self) -> bool:
+        return self._any("needs_features")
 
-    def _baseline_feature_term(self, student: List[Tensor], teacher: List[Tensor], mask: Optional[Tensor]) -> Tensor:
-        total = 0.0
-        for weight, s, t in zip(self.tap_weights, student, teacher):
-            if self.feature_term == "fakd":
-                per_patch = affinity_distance(s, t)
-            else:
-                per_patch = feature_distance(s, t, self.distance, self.normalize)
-            total = total + weight * _masked_mean(per_patch, mask)
-        return total
+    @property
+    def adapted(self) -> bool:
+        """Whether a term compares DR-adapted student features with the teacher's."""
+        return self._any("adapted")
+
+    @property
+    def computes_mask(self) -> bool:
+        return (self.use_mask and any(t.maskable and t.needs_teacher for t in self.terms.values())) or self._any("wants_mask")
+
+    def weight(self, name: str) -> float:
+        """The weight of term ``name`` at this step (feature terms ramped by ``feature_factor``)."""
+        weight = self.weights[name]
+        return weight * self.feature_factor if self.terms[name].group == "feature" else weight
 
     def forward(
         self,
@@ -116,50 +166,46 @@ class DistillationObjective(nn.Module):
         teacher_features: Optional[List[Tensor]],
         hr: Tensor,
         *,
+        adapted_features: Optional[List[Tensor]] = None,
+        step: int = 0,
         return_parts: bool = False,
+        timer: Callable[[str], ContextManager] = _no_timer,
     ):
-        """``(loss, terms)``, or ``(loss, terms, parts)`` with ``return_parts``: parts are the weighted
-        terms of the sum, still in the graph ({"pixel", "output", "feature"}), for gradient diagnostics."""
-        sr_student = sr_student.float()
-        hr = hr.float()
-        pixel = F.l1_loss(sr_student, hr)
-        if not self.needs_teacher:
-            terms = {"loss": pixel.detach(), "l1_hr": pixel.detach()}
-            return (pixel, terms, {"pixel": pixel}) if return_parts else (pixel, terms)
-        if len(student_features) != len(self.tap_weights) or len(teacher_features) != len(self.tap_weights):
-            raise ValueError(
-                f"distill.tap_weights has {len(self.tap_weights)} weights but the models give "
-                f"{len(student_features)} student and {len(teacher_features)} teacher taps"
-            )
-        sr_teacher = sr_teacher.float()
-        teacher_features = [t.to(s.dtype) for s, t in zip(student_features, teacher_features)]
+        adapted_features = student_features if adapted_features is None else adapted_features
+        for features, label in ((student_features, "student"), (teacher_features, "teacher")):
+            if self.needs_features and features is not None and len(features) != len(self.tap_weights):
+                raise ValueError(f"distill.tap_weights has {len(self.tap_weights)} weights but the {label} "
+                                 f"gives {len(features)} taps")
+        inputs = TermInputs(sr_student.float(), hr.float(), step=step)
         terms: Dict[str, Tensor] = {}
-        if self.facd is not None:
-            feature_term, diagnostics = self.facd(student_features, teacher_features, sr_student, sr_teacher, hr)
-            mask = diagnostics["mask"] if self.use_mask else None
-            terms["psnr_gap_db"] = diagnostics["psnr_gap_db"].float()
-        else:
-            mask = self._mask(sr_student, sr_teacher, hr)
-            feature_term = self._baseline_feature_term(student_features, teacher_features, mask)
-        output_term = _masked_mean(per_patch_l1(sr_student, sr_teacher), mask)
-        parts = {
-            "pixel": (1.0 - self.alpha) * pixel,
-            "output": self.alpha * output_term,
-            "feature": self.feature_weight * feature_term.float(),
-        }
-        loss = parts["pixel"] + parts["output"] + parts["feature"]
-        terms.update(
-            loss=loss.detach(),
-            l1_hr=pixel.detach(),
-            l1_teacher=output_term.detach(),
-            feature=feature_term.detach().float(),
-            distilled_fraction=(mask.float().mean() if mask is not None else torch.ones((), device=hr.device)),
-        )
+        mask = None
+        if self.needs_teacher:
+            inputs.sr_teacher = sr_teacher.float()
+            if self.needs_features:
+                inputs.student_features, inputs.adapted_features = student_features, adapted_features
+                inputs.teacher_features = [t.to(s.dtype) for s, t in zip(adapted_features, teacher_features)]
+            if self.computes_mask:
+                with timer("mask"), torch.no_grad():
+                    mse = api.patch_mse(inputs.sr_student.detach(), inputs.sr_teacher, inputs.hr, backend=self.backend)
+                    mask = mask_from_mse(mse, self.margin_db)
+                terms["psnr_gap_db"] = psnr_gap(mse).mean().float()
+        parts: Dict[str, Tensor] = {}
+        for name, term in self.terms.items():
+            gate = mask if self.use_mask and term.maskable else None
+            with timer(f"term:{name}"):
+                inputs.mask = gate
+                value = term(inputs)
+                if value.dim() == 1:
+                    value = masked_mean(value, gate)
+                part = self.weight(name) * value.float()
+            parts[term.group] = part if term.group not in parts else parts[term.group] + part
+            terms[self.log_keys[name]] = value.detach().float()
+        groups = [parts[group] for group in GROUPS if group in parts]
+        loss = groups[0]
+        for part in groups[1:]:
+            loss = loss + part
+        terms["loss"] = loss.detach()
+        if self.needs_teacher:
+            terms["distilled_fraction"] = (mask.float().mean() if mask is not None and self.use_mask
+                                           else torch.ones((), device=hr.device))
         return (loss, terms, parts) if return_parts else (loss, terms)
-
-
-def _masked_mean(per_patch: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """sum_i m_i * x_i / B (the FACD reduction), or the plain mean without a mask."""
-    if mask is None:
-        return per_patch.mean()
-    return (per_patch * mask.to(per_patch.dtype)).sum() / per_patch.shape[0]

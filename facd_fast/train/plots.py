@@ -105,8 +105,8 @@ def plot_run(trainer) -> List[Path]:
     if trainer.val_set is not None and len(trainer.val_set):
         _, lr, hr = trainer.val_set[0]
         outputs = {trainer.stage: super_resolve(trainer.eval_network, lr)}
-        if trainer.teacher is not None:
-            outputs["teacher"] = super_resolve(trainer.teacher, lr)
+        if trainer.teacher is not None:  # in its precision, as the run used it (Distiller.teacher_forward)
+            outputs["teacher"] = trainer.model.teacher_forward(lr[None].to(trainer.device))[0].float().clamp(0, 1)[0].cpu()
         written.append(plot_comparison(lr, hr, outputs, trainer.config["model"]["scale"], trainer.out_dir / "comparison.png"))
     return written
 

@@ -55,6 +55,18 @@ class RunLog:
             self._writer.close()
 
 
+def progress_postfix(values: Dict[str, float], skipped_steps: int, val_psnr: float) -> Dict[str, str]:
+    """What the progress bar shows after a log step: the loss and its terms, the distilled share, skips, validation."""
+    shown = {"loss": f"{values['loss']:.4f}"}
+    shown.update({name: f"{values[name]:.4f}" for name in ("l1_hr", "l1_teacher", "feature") if name in values})
+    if "distilled_fraction" in values:
+        shown["distilled"] = f"{values['distilled_fraction']:.2f}"
+    if skipped_steps:
+        shown["skipped"] = str(skipped_steps)
+    shown["val_psnr"] = f"{val_psnr:.2f}"
+    return shown
+
+
 def read_log(path: str | Path, kind: Optional[str] = None) -> Iterator[Dict[str, Any]]:
     """The records of a ``log.jsonl``, optionally only those of one kind."""
     with Path(path).open() as file:
