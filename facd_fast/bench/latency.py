@@ -42,7 +42,7 @@ from torch import nn
 
 from .. import data, models
 from ..deploy.onnx_export import export_onnx, onnx_session
-from .kernels import quantiles
+from .kernel_timing import quantiles
 
 PROVIDERS = ("eager", "compile", "onnxruntime")
 THREADS = (1, 2)
@@ -159,7 +159,8 @@ def benchmark_models(latency_models: Sequence[LatencyModel], scale: int, onnx_di
     """Rows of :data:`FIELDS` for every model x provider x thread count at the input of ``scale``.
 
     ``timing_guard()`` is entered around each timed loop only (not around
-    exports, compilation or warm-up): on a shared machine it can pause other work.
+    exports, compilation or warm-up), e.g. to log what else the machine runs
+    meanwhile; like the kernel benchmark, this one stops no other process.
     The ONNX exports go to ``onnx_dir`` (default: a temporary folder, removed after).
     """
     height, width = INPUTS[scale]
