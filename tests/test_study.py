@@ -269,6 +269,7 @@ def test_demo_runs_the_methods_over_seeds_and_prints_the_paired_table(tmp_path, 
     for comparison in results["comparisons"]:
         assert comparison["verdict"] in printed
     assert "student (facd)" in printed and "Paired by seed" in printed
+    assert "What these photos support:" in printed and "FACD >= FD:" in printed and "docs/results.md" in printed
     for method in DEMO_METHODS:
         assert (tmp_path / "demo" / f"student_{method}.pth").is_file()
     for name in ("curves.png", "comparison.png", "results.json", "study/study.json", "study/study_val.png"):
@@ -278,3 +279,18 @@ def test_demo_runs_the_methods_over_seeds_and_prints_the_paired_table(tmp_path, 
     with pytest.raises(ConfigError, match="demo with other settings: pass --overwrite"):
         run_demo(out_dir=tmp_path / "demo", config_path=str(config), overrides=["train.lr=1e-3"], seeds=2, jobs=2)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "demo" / "study" / "runs").rglob("result.json")} == before
+
+
+def test_demo_says_which_claims_its_photos_support():
+    from facd_fast.train.demo import STUDY_COMMAND, _claims
+
+    def comparison(a, b, mean, half, n=4):
+        return {"a": a, "b": b, "psnr_y_diff": {"n": n, "mean": mean, "ci_half": half}}
+
+    above = _claims([comparison("facd", "none", 0.12, 0.05), comparison("facd", "fd-l1", 0.03, 0.05)])
+    assert "FACD beats the student alone: yes, the 95% CI of FACD - none lies above 0 (lower bound +0.070 dB)" in above
+    assert "FACD >= FD: yes, the mean paired difference is +0.030 dB (CI contains 0: inside the noise)" in above
+    assert STUDY_COMMAND in above
+    noise = _claims([comparison("facd", "none", 0.02, 0.05), comparison("facd", "fd-l1", -0.01, 0.005)])
+    assert "FACD beats the student alone: not shown by 4 seeds here (the 95% CI of FACD - none reaches -0.030 dB)" in noise
+    assert "FACD >= FD: no, the mean paired difference is -0.010 dB" in noise and "inside the noise" not in noise
