@@ -152,6 +152,26 @@ def test_ema_follows_its_formula():
     assert not any(p.requires_grad for p in ema.shadow.parameters())
 
 
+def test_the_ema_copy_does_not_feed_the_trained_models_taps():
+    from facd_fast import FeatureTaps
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+    taps = FeatureTaps(model, ["0"])
+    ema = ModelEMA(model, decay=0.9)
+    model(torch.rand(2, 3, 5, 5))
+    recorded = taps.features()[0]
+    ema.shadow(torch.rand(1, 3, 9, 9))  # validation of the EMA network, as the trainer runs it
+    assert taps.features()[0] is recorded
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in ema.shadow.modules())
+
+
+def test_an_objective_whose_terms_all_weigh_zero_is_a_config_error():
+    from facd_fast.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="every term of method 'fd-l1' has weight 0"):
+        DistillationObjective("fd-l1", alpha=0.0, feature_weight=0.0, terms={"pixel": 0.0})
+
+
 def test_atomic_save_leaves_no_temporary_file(tmp_path):
     atomic_torch_save({"x": torch.arange(3)}, tmp_path / "a" / "state.pt")
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["state.pt"]

@@ -22,6 +22,9 @@ class ModelEMA:
             raise ValueError(f"decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        for module in self.shadow.modules():  # the copy must not feed the trained model's feature taps
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
