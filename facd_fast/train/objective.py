@@ -130,6 +130,9 @@ class DistillationObjective(nn.Module):
             self.terms[term.name] = term
             self.weights[term.name] = weight
             self.log_keys[term.name] = LOG_KEYS.get(term.name, "feature" if name == method else term.name)
+        if not self.terms:
+            raise ConfigError(f"distill: every term of method {method!r} has weight 0 (distill.alpha, distill.lambda, "
+                              "distill.terms): give one a weight > 0")
         self.feature_factor = 1.0  # distill.lambda_warmup's ramp, set by the trainer before each step
         self.facd = next((t.facd for t in self.terms.values() if hasattr(t, "facd")), None)
 
