@@ -121,7 +121,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config_path: Optional[str] = Non
     """
     from .study import run_study
 
-    if seeds < 2:
+    if check_int("--seeds", seeds) < 2:
         raise ValueError(f"--seeds must be >= 2 (a confidence interval needs two seeds), got {seeds}")
     check_int("--jobs", jobs, 1)
     started = time.perf_counter()

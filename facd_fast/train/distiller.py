@@ -176,7 +176,9 @@ class Distiller:
 
     def check_teacher_precision(self, pairs) -> None:
         """"auto": keep a reduced teacher precision only if the teacher's Y-PSNR on ``pairs`` ((lr, hr) validation
-        crops) drops by at most AUTO_MAX_LOSS_DB from fp32's; else fall back to fp32. Recorded in ``precision_check``."""
+        crops) drops by at most AUTO_MAX_LOSS_DB from fp32's; else fall back to fp32. Without validation crops (no
+        data.val_hr_dir) there is nothing to measure: the reduced precision is kept and the drop is recorded as None.
+        Recorded in ``precision_check``."""
         if self.teacher is None or self.teacher_precision == "fp32":
             return
         gap = teacher_precision_gap(self.teacher, pairs, self.device, self.teacher_precision,
