@@ -1,4 +1,5 @@
 """Distilling networks defined outside facd_fast: taps by module name, factories, loss terms as plug-ins."""
+import gc
 import json
 import socket
 
@@ -101,14 +102,19 @@ def test_taps_through_a_ddp_wrapper_carry_gradients():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    network = PlainSR(2, width=8, depth=2)
+    wrapped = taps = sr = None
     try:
-        network = PlainSR(2, width=8, depth=2)
         wrapped = torch.nn.parallel.DistributedDataParallel(network)
         taps = FeatureTaps(wrapped, ["stages.1"])  # the bare network's names, not "module.stages.1"
         sr = wrapped(torch.rand(2, 3, 8, 8))
         (sr.mean() + taps.features()[0].mean()).backward()
         assert network.stages[1].mix.weight.grad is not None
     finally:
+        # DDP's reducer holds the process group: free it first (freed after the group is destroyed, the group's
+        # destructor can wait forever on gloo's threads).
+        del wrapped, taps, sr
+        gc.collect()
         dist.destroy_process_group()
 
 
