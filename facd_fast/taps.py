@@ -26,14 +26,24 @@ from torch import Tensor, nn
 
 
 def bare_network(model: nn.Module) -> nn.Module:
-    """The network inside DataParallel / DistributedDataParallel and torch.compile wrappers."""
+    """The network inside DataParallel / DistributedDataParallel and torch.compile wrappers.
+
+    Only those wrappers are opened: a submodule of the user's own network named ``module`` or ``_orig_mod`` is
+    part of the network.
+    """
     while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module) and _is_compiled(model):
+            model = model._orig_mod
+        else:
             return model
-        model = inner
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    from torch._dynamo.eval_frame import OptimizedModule  # imported only for a model that may be one
+
+    return isinstance(model, OptimizedModule)
 
 
 def check_tap_names(model: nn.Module, names: Sequence[str], what: str = "taps") -> List[str]:

@@ -97,6 +97,22 @@ def test_taps_under_torch_compile_match_eager():
     assert network.stages[0].conv.weight.grad is not None
 
 
+def test_a_submodule_named_module_is_part_of_the_network_not_a_wrapper():
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.tail = torch.nn.Conv2d(4, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.tail(self.module(x))
+
+    network = Wrapped()
+    taps = FeatureTaps(network, ["module", "tail"])
+    network(torch.rand(1, 3, 6, 6))
+    assert [f.shape[1] for f in taps.features()] == [4, 3]
+
+
 def test_taps_through_a_ddp_wrapper_carry_gradients():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

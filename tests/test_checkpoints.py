@@ -212,13 +212,8 @@ def test_bad_checkpoint_inputs(tmp_path):
 
 
 def test_wrapped_models_save_and_load_as_the_bare_network(tmp_path):
-    class CompiledLike(torch.nn.Module):  # torch.compile's OptimizedModule holds the network as _orig_mod
-        def __init__(self, network):
-            super().__init__()
-            self._orig_mod = network
-
     source = _small_edsr(2, seed=7)
-    compiled = CompiledLike(source)
+    compiled = torch.compile(source)  # an OptimizedModule holding the network as _orig_mod (compiles nothing yet)
     assert all(key.startswith("_orig_mod.") for key in compiled.state_dict())
     path = save_checkpoint_basicsr(compiled, tmp_path / "compiled.pth")
     assert set(torch.load(path, weights_only=True)["params"]) == set(source.state_dict())

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic_files import atomic_write
+from ..taps import bare_network
 from .factory import build_network, factory_record, is_factory_spec
 from .network import DIV2K_RGB_MEAN, ResidualSRNetwork
 from .presets import ARCHS, PRESETS, from_config
@@ -132,14 +133,6 @@ def _strip_wrapper_prefixes(key: str) -> str:
     return key
 
 
-def _bare_network(model: nn.Module) -> nn.Module:
-    """The network inside a DataParallel / DistributedDataParallel or torch.compile wrapper."""
-    while isinstance(getattr(model, "module", None), nn.Module) or isinstance(getattr(model, "_orig_mod", None),
-                                                                              nn.Module):
-        model = model.module if isinstance(getattr(model, "module", None), nn.Module) else model._orig_mod
-    return model
-
-
 def _unwrap(checkpoint: Mapping, param_key: str | None = None,
             source: str = "the checkpoint") -> tuple[dict[str, Tensor], dict | None]:
     """The tensors of a checkpoint and our metadata.
@@ -238,7 +231,7 @@ def load_pretrained(model: nn.Module, path_or_state_dict, strict: bool = True,
 
 
 def _load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], strict: bool, source: str) -> dict[str, list[str]]:
-    model = _bare_network(model)
+    model = bare_network(model)
     # The layout conversions are for EDSR / RCAN files; a user's own network loads its own state dict.
     state = (to_basicsr_keys(tensors, rgb_mean=model.rgb_mean, img_range=model.img_range)
              if isinstance(model, ResidualSRNetwork) else dict(tensors))
@@ -254,7 +247,7 @@ def _load_tensors(model: nn.Module, tensors: Mapping[str, Tensor], strict: bool,
 def model_meta(model: nn.Module) -> dict:
     """Our architecture record of a network, enough to rebuild it: ``{"arch", "config", "scale"}`` for
     EDSR / RCAN, ``{"factory", "kwargs", "scale"}`` for a network a factory made (:func:`build_network`)."""
-    model = _bare_network(model)
+    model = bare_network(model)
     record = factory_record(model)
     if record is not None:
         return dict(record)
@@ -274,7 +267,7 @@ def save_checkpoint_basicsr(model: nn.Module, path) -> Path:
 
     Weights holding NaN or Inf are refused (ValueError) and nothing is written.
     """
-    model = _bare_network(model)
+    model = bare_network(model)
     path = Path(path)
     params = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     check_finite(params, f"refusing to write {path}: the model")
